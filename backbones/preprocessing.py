@@ -1,0 +1,18 @@
+"""Input scaling per weights family. Inputs are float32 RGB in 0..255, any leading shape."""
+import tensorflow as tf
+
+IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
+
+
+def caffe(images):
+    """VGG16/ResNet50 ImageNet weights: RGB to BGR, ImageNet mean subtracted, 0..255 scale."""
+    bgr = tf.reverse(tf.cast(images, tf.float32), axis=[-1])
+    return bgr - tf.constant(IMAGENET_BGR_MEAN, dtype=tf.float32)
+
+
+def raw(images):
+    """EfficientNet: the model rescales and normalises inside, so it takes raw 0..255 pixels."""
+    return tf.cast(images, tf.float32)
+
+
+BY_NAME = {"caffe": caffe, "raw": raw}

@@ -1,0 +1,53 @@
+"""Where a backbone's starting weights come from: `imagenet`, a file path, `none`, or a spec's extra source."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import keras
+
+
+class WeightsUnavailable(RuntimeError):
+    """The requested weights can't be had; raised before any training starts."""
+
+
+def keras_cache_dir() -> Path:
+    """The folder Keras' get_file keeps application weights in ($KERAS_HOME/models)."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home) / "models"
+
+
+def imagenet_file(spec) -> str:
+    """The cached ImageNet weights file, downloading it with Keras' own get_file when missing."""
+    cached = keras_cache_dir() / spec.imagenet_file
+    if cached.is_file():
+        return str(cached)
+    try:
+        return keras.utils.get_file(
+            spec.imagenet_file, spec.imagenet_origin, cache_subdir="models", file_hash=spec.imagenet_hash
+        )
+    except Exception as err:  # get_file raises plain Exception on network failure
+        raise WeightsUnavailable(
+            f"ImageNet weights for {spec.name} are not cached and could not be downloaded ({err}). "
+            f"Put the file {spec.imagenet_file} into {cached.parent} (from {spec.imagenet_origin}) "
+            f"or choose other weights (none, hed for vgg16, or a path)."
+        ) from err
+
+
+def build_base(spec, input_size: int, weights: str):
+    """Build `spec`'s base with the named weights source; returns (model, weights source used)."""
+    if weights in (None, "", "none"):
+        return spec.build(input_size, None), "none"
+    if weights == "imagenet":
+        return spec.build(input_size, imagenet_file(spec)), "imagenet"
+    if weights in spec.extra_weights:
+        base = spec.build(input_size, None)
+        spec.extra_weights[weights](base)
+        return base, weights
+    path = Path(weights)
+    if path.is_file():
+        return spec.build(input_size, str(path)), f"file:{path.name}"
+    sources = ["imagenet", "none", *spec.extra_weights, "<path to a weights file>"]
+    raise WeightsUnavailable(
+        f"weights {weights!r} for {spec.name}: not a known source nor an existing file; choose one of {sources}"
+    )

@@ -1,0 +1,176 @@
+"""Typed defaults, TOML file overrides, command-line overrides on top (as timm's train.py).
+
+The merged config is saved with every run, so a result can always be traced to its settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config file or override that can't be used; names the file or key."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # empty: the embedded phantom set
+    phantom_mode: str = "4class"
+    phantom_per_class: int = 40
+    phantom_size: int = 128
+    class_names: list[str] = field(default_factory=list)  # empty: sorted folder names
+    val_fraction: float = 0.2
+    skip_bad: bool = False
+
+
+@dataclass
+class ModelConfig:
+    backbones: list[str] = field(default_factory=lambda: ["vgg16", "resnet50", "efficientnetb0"])
+    weights: str = "imagenet"  # imagenet | none | hed (vgg16) | path to a weights file
+    weights_fallback: str = ""  # e.g. "none": used, with a loud warning, when `weights` can't be had
+    input_size: int = 0  # 0: each backbone's default
+    head_units: int = 256
+    dropout: float = 0.5
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    rotation_degrees: float = 15.0
+    shift: float = 0.1
+    shear: float = 0.1
+    zoom: float = 0.1
+    horizontal_flip: bool = True
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16
+    lr1: float = 1e-4
+    epochs1: int = 20
+    lr2: float = 1e-5
+    epochs2: int = 15
+    unfreeze: int = 1  # layer groups made trainable in phase 2, counted from the top
+    patience: int = 5
+    lr_factor: float = 0.2
+    lr_patience: int = 3
+    min_lr: float = 1e-6
+    class_weights: bool = True
+    verbose: int = 2  # Keras progress display: 0 silent, 1 bar, 2 one line per epoch
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<results_dir>/mlflow.db
+    results_dir: str = "results"
+    log_model: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 42
+    plugins: list[str] = field(default_factory=list)  # modules that register extra backbones
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return to_toml(self.to_dict())
+
+
+def _coerce(value, kind, where: str):
+    """Check `value` against the field's annotated type; ints are accepted for floats."""
+    origin = typing.get_origin(kind)
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, where) for v in value]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _merge(target, values: dict, where: str) -> None:
+    hints = typing.get_type_hints(type(target))
+    for key, value in values.items():
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {known})")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: [{key}] must be a table")
+            _merge(current, value, f"{where} [{key}]")
+        else:
+            setattr(target, key, _coerce(value, hints[key], f"{where}: {key}"))
+
+
+def _parse_override(text: str) -> tuple[list[str], object]:
+    """'train.lr1=3e-4' -> (['train', 'lr1'], 3e-4); values are TOML literals, else plain strings."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the TOML file at `path`, then `overrides` ('section.key=value')."""
+    config = Config()
+    if path:
+        path = Path(path)
+        try:
+            values = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML ({err})") from None
+        _merge(config, values, str(path))
+    for text in overrides:
+        keys, value = _parse_override(text)
+        nested: dict = {keys[-1]: value}
+        for key in reversed(keys[:-1]):
+            nested = {key: nested}
+        _merge(config, nested, f"override {text!r}")
+    return config
+
+
+def to_toml(values: dict, prefix: str = "") -> str:
+    """A TOML rendering of a nested dict of str/int/float/bool/list values (enough for Config)."""
+    lines, tables = [], []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    text = "\n".join(lines)
+    for key, value in tables:
+        name = f"{prefix}{key}"
+        text += f"\n\n[{name}]\n" + to_toml(value, f"{name}.")
+    return text.strip() + "\n"
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)

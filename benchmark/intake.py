@@ -1,0 +1,366 @@
+"""Data intake: find the layout, list and verify every image, map classes, split, fingerprint.
+
+Everything else reads data through `load_dataset`. The user's data folder is only ever read.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx"}
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "validation": "val", "test": "test",
+               "testing": "test"}
+
+
+class DataError(ValueError):
+    """Unusable input; the message names every offending file or folder and why."""
+
+
+class _BadImage(Exception):
+    """Why one file is not a usable image."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: where it is (relative to the data root, or an .npz row) and its class index."""
+
+    source: str
+    label: int
+
+
+@dataclass
+class Problem:
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass
+class Dataset:
+    root: Path
+    layout: str
+    class_names: list[str]
+    splits: dict[str, list[Sample]]
+    fingerprint: str
+    sizes: Counter = field(default_factory=Counter)
+    modes: Counter = field(default_factory=Counter)
+    skipped: list[Problem] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    arrays: np.ndarray | None = None  # the X array of an .npz set (uint8), else None
+
+    @property
+    def name(self) -> str:
+        return self.root.stem if self.layout == "npz" else self.root.name
+
+    @property
+    def class_to_index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.class_names)}
+
+    def counts(self, split: str) -> dict[str, int]:
+        counted = Counter(sample.label for sample in self.splits[split])
+        return {name: counted.get(i, 0) for i, name in enumerate(self.class_names)}
+
+    def read(self, sample: Sample) -> np.ndarray:
+        """The sample as an (H, W, 3) uint8 RGB array."""
+        if self.arrays is not None:
+            return self.arrays[int(sample.source)]
+        return load_rgb(self.root / sample.source)
+
+
+# ----------------------------------------------------------------------------------------- images
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.lower() in SYSTEM_FILES
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Min-max scale a 16-bit, 32-bit or float image to 0..255 (MRI often uses 12 of 16 bits)."""
+    array = array.astype(np.float64)
+    low, high = float(array.min()), float(array.max())
+    if high <= low:
+        return np.zeros(array.shape, np.uint8)
+    return np.round((array - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """Any PIL mode (L, LA, RGBA, P, CMYK, I;16, I, F, ...) as an (H, W, 3) uint8 RGB array."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        gray = _to_uint8(np.asarray(image))
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _decode(path: Path) -> tuple[np.ndarray, str, tuple[int, int]]:
+    """(RGB array, original mode, size); decoding fully catches truncation. Raises _BadImage(reason)."""
+    try:
+        if path.stat().st_size == 0:
+            raise _BadImage("zero-byte file")
+        with Image.open(path) as image:
+            mode, size = image.mode, image.size
+            image.load()
+            return to_rgb(image), mode, size
+    except UnidentifiedImageError:
+        raise _BadImage("not an image (no decoder recognises its contents)") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise _BadImage(f"corrupt or truncated image ({err})") from None
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """Decode one image file to (H, W, 3) uint8 RGB; raises DataError naming the file and the reason."""
+    try:
+        return _decode(path)[0]
+    except _BadImage as bad:
+        raise DataError(f"{path}: {bad}") from None
+
+
+def _inspect(path: Path) -> tuple[str, tuple[int, int], str, str]:
+    """(reason it is unusable or '', size, mode, content hash) of one image file."""
+    try:
+        _, mode, size = _decode(path)
+    except _BadImage as bad:
+        return str(bad), (0, 0), "", ""
+    return "", size, mode, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- layout
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name))
+
+
+def _walk_files(folder: Path) -> list[Path]:
+    """Every non-hidden file below `folder`, following links but never looping."""
+    seen: set[str] = set()
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if not _is_hidden(f))
+    return found
+
+
+def _has_images(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in _walk_files(folder))
+
+
+def _split_folders(folder: Path) -> dict[str, Path]:
+    splits = {}
+    for sub in _subdirs(folder):
+        key = SPLIT_NAMES.get(sub.name.lower())
+        if key and any(_has_images(c) for c in _subdirs(sub)):
+            splits[key] = sub
+    return splits if "train" in splits else {}
+
+
+def _is_class_root(folder: Path) -> bool:
+    subs = _subdirs(folder)
+    return bool(subs) and any(
+        p.suffix.lower() in IMAGE_SUFFIXES for s in subs for p in s.iterdir() if p.is_file()
+    )
+
+
+def find_root(path: Path) -> tuple[Path, dict[str, Path]]:
+    """Walk down (breadth first) to the first folder that is a split root or a class root.
+
+    Returns the root and its split folders ({} for a plain folder-per-class root).
+    """
+    level = [path]
+    seen: set[str] = set()
+    while level:
+        found = []
+        for folder in level:
+            splits = _split_folders(folder)
+            if splits or _is_class_root(folder):
+                found.append((folder, splits))
+        if len(found) > 1:
+            names = ", ".join(str(f) for f, _ in found)
+            raise DataError(f"{path}: several candidate data folders at the same depth ({names}); point at one")
+        if found:
+            return found[0]
+        next_level = []
+        for folder in level:
+            for sub in _subdirs(folder):
+                real = os.path.realpath(sub)
+                if real not in seen:
+                    seen.add(real)
+                    next_level.append(sub)
+        level = next_level
+    raise DataError(f"{path}: no class folders with images found below this folder")
+
+
+# ----------------------------------------------------------------------------------------- intake
+def _check_class_names(names: list[str], where: Path) -> None:
+    lowered = Counter(n.lower() for n in names)
+    clashes = sorted(n for n in names if lowered[n.lower()] > 1)
+    if clashes:
+        raise DataError(f"{where}: class folders differ only in letter case: {', '.join(clashes)}")
+    if len(names) < 2:
+        raise DataError(f"{where}: only one class ({', '.join(names) or 'none'}); at least two are needed")
+
+
+def _class_mapping(found: list[str], configured: list[str], where: Path) -> list[str]:
+    if not configured:
+        return sorted(found)
+    if sorted(configured) != sorted(found):
+        raise DataError(
+            f"{where}: configured class_names {sorted(configured)} differ from the class folders {sorted(found)}"
+        )
+    return list(configured)
+
+
+def _fingerprint(entries: list[tuple[str, str]]) -> str:
+    digest = hashlib.sha256()
+    for rel, content_hash in sorted(entries):
+        digest.update(f"{rel}\0{content_hash}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _read_folders(root: Path, splits: dict[str, Path], configured: list[str], skip_bad: bool) -> Dataset:
+    split_roots = splits or {"all": root}
+    classes_per_split = {}
+    for split, folder in split_roots.items():
+        names = [d.name for d in _subdirs(folder)]
+        _check_class_names(names, folder)
+        classes_per_split[split] = names
+    train_classes = classes_per_split.get("train", classes_per_split.get("all"))
+    for split, names in classes_per_split.items():
+        if sorted(names) != sorted(train_classes):
+            raise DataError(
+                f"{split_roots[split]}: the {split} classes {sorted(names)} differ from the train classes "
+                f"{sorted(train_classes)}"
+            )
+    class_names = _class_mapping(train_classes, configured, root)
+    index = {name: i for i, name in enumerate(class_names)}
+
+    candidates: list[tuple[str, Path, str]] = []  # (split, file, class)
+    ignored: list[str] = []
+    for split, folder in split_roots.items():
+        for name in class_names:
+            files = _walk_files(folder / name)
+            images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+            ignored += [str(f.relative_to(root)) for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
+            if not images:
+                raise DataError(f"{folder / name}: class folder '{name}' holds no images")
+            candidates += [(split, f, name) for f in images]
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        inspected = list(pool.map(_inspect, [f for _, f, _ in candidates]))
+
+    bad = [Problem(str(f), err) for (_, f, _), (err, *_rest) in zip(candidates, inspected) if err]
+    if bad and not skip_bad:
+        listing = "\n  ".join(str(p) for p in bad)
+        raise DataError(f"{len(bad)} unreadable file(s) under {root} (use --skip-bad to leave them out):\n  {listing}")
+
+    dataset = Dataset(root, "split-folders" if splits else "folders", class_names, {}, "", skipped=bad,
+                      ignored=ignored)
+    entries = []
+    for (split, path, name), (err, size, mode, digest) in zip(candidates, inspected):
+        if err:
+            continue
+        rel = path.relative_to(root).as_posix()
+        dataset.splits.setdefault(split, []).append(Sample(rel, index[name]))
+        dataset.sizes[size] += 1
+        dataset.modes[mode] += 1
+        entries.append((rel, digest))
+    for split, samples in dataset.splits.items():
+        counts = Counter(s.label for s in samples)
+        empty = [n for n, i in index.items() if counts[i] == 0]
+        if empty:
+            raise DataError(f"{split_roots[split]}: no readable images left for class(es) {', '.join(empty)}")
+    dataset.fingerprint = _fingerprint(entries)
+    return dataset
+
+
+def _read_npz(path: Path, configured: list[str]) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "X" not in archive or "Y" not in archive:
+                raise DataError(f"{path}: an .npz data set needs arrays 'X' and 'Y' (found {sorted(archive.files)})")
+            x, y = archive["X"], archive["Y"]
+            stored_names = [str(n) for n in archive["class_names"]] if "class_names" in archive else []
+    except DataError:
+        raise
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable .npz file ({err})") from None
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise DataError(f"{path}: X must be (N, H, W, C) with C = 1 or 3, got shape {x.shape}")
+    if y.ndim == 2:
+        y = y.argmax(axis=1)
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"{path}: Y must hold one label (or one-hot row) per image; X has {len(x)}, Y {y.shape}")
+    if np.issubdtype(x.dtype, np.floating):
+        if x.min() < 0 or x.max() > 1:
+            raise DataError(f"{path}: float X must lie in 0..1 (found {x.min():.3g}..{x.max():.3g})")
+        x = np.round(x * 255).astype(np.uint8)
+    elif x.dtype != np.uint8:
+        raise DataError(f"{path}: X must be uint8 0..255 or float 0..1, got {x.dtype}")
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    labels = y.astype(int)
+    n_classes = int(labels.max()) + 1
+    found = stored_names or [str(i) for i in range(n_classes)]
+    if len(found) < n_classes:
+        raise DataError(f"{path}: labels go up to {n_classes - 1} but only {len(found)} class_names are stored")
+    _check_class_names(found, path)
+    class_names = _class_mapping(found, configured, path)
+    remap = np.array([class_names.index(name) for name in found])
+    missing = sorted(set(found) - {found[i] for i in np.unique(labels)})
+    if missing:
+        raise DataError(f"{path}: class(es) {', '.join(missing)} have no images")
+    samples = [Sample(str(i), int(remap[label])) for i, label in enumerate(labels)]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    dataset = Dataset(path, "npz", class_names, {"all": samples}, _fingerprint([(path.name, digest)]),
+                      arrays=x)
+    dataset.sizes[(x.shape[2], x.shape[1])] = len(x)
+    dataset.modes["RGB" if x.shape[-1] == 3 else "L"] = len(x)
+    return dataset
+
+
+def load_dataset(path: str | Path, class_names: list[str] | None = None, skip_bad: bool = False) -> Dataset:
+    """Read a data set in any supported layout; raises DataError with every problem found."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix.lower() != ".npz":
+            raise DataError(f"{path}: a data set is a folder of class folders or an .npz file")
+        return _read_npz(path, class_names or [])
+    root, splits = find_root(path)
+    return _read_folders(root, splits, class_names or [], skip_bad)
+
+
+def split(dataset: Dataset, val_fraction: float, seed: int) -> dict[str, list[Sample]]:
+    """train/val(/test) lists: given splits are kept, a missing val is carved from train, stratified.
+
+    Samples are sorted by their source before splitting, so the same seed gives the same split
+    whatever order the file system listed them in.
+    """
+    from sklearn.model_selection import train_test_split
+
+    given = dict(dataset.splits)
+    pool = given.pop("all", None) or given.pop("train")
+    if "val" in given:
+        return {"train": pool, **given}
+    pool = sorted(pool, key=lambda s: s.source)
+    labels = [s.label for s in pool]
+    n_val = max(len(dataset.class_names), round(len(pool) * val_fraction))
+    try:
+        train, val = train_test_split(pool, test_size=n_val, stratify=labels, random_state=seed)
+    except ValueError as err:
+        raise DataError(f"{dataset.root}: too few images for a stratified validation split ({err})") from None
+    return {"train": train, "val": val, **given}

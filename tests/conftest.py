@@ -1,0 +1,38 @@
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Phantoms and Keras downloads go to a per-session temporary folder, never $HOME."""
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    monkeypatch.setenv("TUMORBENCH_CACHE", str(cache))
+
+
+def write_image(path: Path, mode: str = "L", size=(24, 20), seed: int = 0, fmt: str | None = None) -> Path:
+    """A small random image of `mode` saved at `path` (format from the suffix unless `fmt`)."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    if mode == "I;16":
+        Image.fromarray(rng.integers(0, 4096, (h, w), dtype=np.uint16)).save(path, format=fmt or "PNG")
+        return path
+    base = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+    image = base.convert(mode) if mode != "P" else base.convert("P", palette=Image.Palette.ADAPTIVE)
+    image.save(path, format=fmt)
+    return path
+
+
+def image_folder(root: Path, classes=("no", "yes"), per_class: int = 4, size=(24, 20)) -> Path:
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            write_image(root / name / f"img {i}.png", "L", size, seed=c * 100 + i)
+    return root

