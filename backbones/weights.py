@@ -34,20 +34,27 @@ def imagenet_file(spec) -> str:
         ) from err
 
 
-def build_base(spec, input_size: int, weights: str):
-    """Build `spec`'s base with the named weights source; returns (model, weights source used)."""
+def check(spec, weights: str) -> tuple[str, str | None]:
+    """(label of the source, file to load or None) for `weights`; raises WeightsUnavailable early."""
     if weights in (None, "", "none"):
-        return spec.build(input_size, None), "none"
+        return "none", None
     if weights == "imagenet":
-        return spec.build(input_size, imagenet_file(spec)), "imagenet"
+        return "imagenet", imagenet_file(spec)
     if weights in spec.extra_weights:
-        base = spec.build(input_size, None)
-        spec.extra_weights[weights](base)
-        return base, weights
+        return weights, None
     path = Path(weights)
     if path.is_file():
-        return spec.build(input_size, str(path)), f"file:{path.name}"
+        return f"file:{path.name}", str(path)
     sources = ["imagenet", "none", *spec.extra_weights, "<path to a weights file>"]
     raise WeightsUnavailable(
         f"weights {weights!r} for {spec.name}: not a known source nor an existing file; choose one of {sources}"
     )
+
+
+def build_base(spec, input_size: int, weights: str):
+    """Build `spec`'s base with the named weights source; returns (model, weights source used)."""
+    label, path = check(spec, weights)
+    base = spec.build(input_size, path)
+    if label in spec.extra_weights:
+        spec.extra_weights[label](base)
+    return base, label

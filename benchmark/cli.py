@@ -3,8 +3,58 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import intake
+from .config import ConfigError, load_config
+
+# What can go wrong before or during a run that the user can fix: one clear line, exit code 1.
+USER_ERRORS = (ConfigError, intake.DataError, KeyError, ImportError)
+
+
+def _config(args):
+    overrides = list(args.set or [])
+    if getattr(args, "backbones", None):
+        overrides.append(f"model.backbones={args.backbones}")
+    if getattr(args, "data", None):
+        overrides.append(f'data.path="{args.data}"')
+    if getattr(args, "weights", None):
+        overrides.append(f'model.weights="{args.weights}"')
+        overrides.append('model.weights_fallback=""')  # weights asked for by name must not be swapped
+    return load_config(args.config, overrides)
+
+
+def _bench(args) -> int:
+    from backbones import WeightsUnavailable
+
+    from . import bench
+    from .tracking import TrackingUnavailable
+    from .trainer import TrainingFailed
+
+    try:
+        table, paths, name = bench.run(_config(args))
+    except (*USER_ERRORS, WeightsUnavailable, TrackingUnavailable, TrainingFailed) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print("\n" + paths["md"].read_text())
+    print(f"written: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _report(args) -> int:
+    from . import bench, report, tracking
+
+    try:
+        config = _config(args)
+        client = tracking.connect(config.tracking)
+        name = args.dataset or bench.dataset_name(config)
+        _, paths = report.build(client, name, Path(config.tracking.results_dir), args.source)
+    except (*USER_ERRORS, tracking.TrackingUnavailable, LookupError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(paths["md"].read_text())
+    print(f"written: {', '.join(str(p) for p in paths.values())}")
+    return 0
 
 
 def _check_data(args) -> int:
@@ -41,6 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("data", help="folder of class folders (or splits), or an .npz file")
     check.add_argument("--skip-bad", action="store_true", help="leave unreadable files out instead of failing")
     check.set_defaults(run=_check_data)
+
+    def common(sub):
+        sub.add_argument("--config", help="TOML file overriding the defaults")
+        sub.add_argument("--data", help="data set path (default: the embedded phantom set)")
+        sub.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                         help="override one config value, e.g. train.lr1=3e-4 (repeatable)")
+
+    bench_cmd = commands.add_parser("bench", help="train every backbone two-phase, log to MLflow, write the table")
+    common(bench_cmd)
+    bench_cmd.add_argument("--backbones", help="comma-separated names (default: all in the config)")
+    bench_cmd.add_argument("--weights", help="imagenet | none | hed | path to a weights file")
+    bench_cmd.set_defaults(run=_bench)
+
+    report_cmd = commands.add_parser("report", help="rebuild the comparison table from MLflow alone")
+    common(report_cmd)
+    report_cmd.add_argument("--dataset", help="experiment name (default: derived from --data or the config)")
+    report_cmd.add_argument("--source", default="bench", choices=["bench"], help="which runs to compare")
+    report_cmd.set_defaults(run=_report)
     return parser
 
 

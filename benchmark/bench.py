@@ -1,0 +1,191 @@
+"""`bench`: every chosen backbone through the same two-phase recipe, one MLflow run each, then the table."""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import mlflow
+
+import backbones
+
+from . import intake, metrics, pipeline, plots, report, tracking
+from .model import build_classifier
+from .phantoms import phantom_dataset
+from .trainer import TrainingFailed, train_two_phase
+
+
+@dataclass
+class Prepared:
+    """The data every backbone of one benchmark shares."""
+
+    dataset: intake.Dataset
+    parts: dict[str, list[intake.Sample]]
+    name: str  # experiment and results folder name
+    path: str
+
+
+def data_path(config) -> Path:
+    """The configured data, or the embedded phantom set (generated once, cached) when none is given."""
+    data = config.data
+    if data.path:
+        return Path(data.path).resolve()
+    return phantom_dataset(data.phantom_mode, data.phantom_per_class, data.phantom_size, config.seed)
+
+
+def dataset_name(config) -> str:
+    """Experiment and results-folder name: the data folder's name, or phantoms-<mode>."""
+    if not config.data.path:
+        return f"phantoms-{config.data.phantom_mode}"
+    return intake.load_dataset(config.data.path, config.data.class_names, config.data.skip_bad).name
+
+
+def prepare_data(config) -> Prepared:
+    """Read and split the data every backbone of this benchmark shares."""
+    data = config.data
+    path = data_path(config)
+    dataset = intake.load_dataset(path, data.class_names, data.skip_bad)
+    name = dataset.name if data.path else dataset_name(config)
+    return Prepared(dataset, intake.split(dataset, data.val_fraction, config.seed), name, str(path))
+
+
+def resolve_weights(config) -> dict[str, str]:
+    """The weights source each backbone will use, checked before any training starts.
+
+    When the requested source can't be had and `weights_fallback` is set, warn loudly and fall
+    back; the source actually used is what gets recorded.
+    """
+    chosen = {}
+    for name in config.model.backbones:
+        spec = backbones.get(name)
+        try:
+            backbones.weights.check(spec, config.model.weights)
+            chosen[name] = config.model.weights
+        except backbones.WeightsUnavailable as err:
+            if not config.model.weights_fallback:
+                raise
+            print(f"\n!!! WARNING: {err}\n!!! {name} falls back to weights '{config.model.weights_fallback}'; "
+                  f"its results are NOT pretrained results.\n", file=sys.stderr)
+            chosen[name] = config.model.weights_fallback
+    return chosen
+
+
+def _augment_summary(augment) -> str:
+    if not augment.enabled:
+        return "off"
+    return (f"rotation={augment.rotation_degrees}deg shift={augment.shift} shear={augment.shear} "
+            f"zoom={augment.zoom} hflip={augment.horizontal_flip}")
+
+
+def _log_params(config, prepared: Prepared, spec, size: int, weights_used: str) -> None:
+    dataset = prepared.dataset
+    train, model = config.train, config.model
+    mlflow.log_params({
+        "backbone": spec.name, "input_size": size, "weights": weights_used, "weights_requested": model.weights,
+        "preprocessing": spec.preprocessing, "lr1": train.lr1, "lr2": train.lr2, "unfreeze": train.unfreeze,
+        "epochs1": train.epochs1, "epochs2": train.epochs2, "batch_size": train.batch_size,
+        "augmentation": _augment_summary(config.augment), "class_weights": train.class_weights,
+        "seed": config.seed, "data_path": prepared.path, "data_fingerprint": dataset.fingerprint,
+        "class_names": json.dumps(dataset.class_names), "class_to_index": json.dumps(dataset.class_to_index),
+        "head_units": model.head_units, "dropout": model.dropout,
+        "n_train": len(prepared.parts["train"]), "n_val": len(prepared.parts["val"]),
+    })
+    mlflow.log_text(config.to_toml(), "config.toml")
+
+
+def _evaluate(model, dataset, samples, spec, size, batch_size, split_name: str) -> dict:
+    ds = pipeline.make_dataset(dataset, samples, spec.preprocess, size, batch_size)
+    probabilities = model.predict(ds, verbose=0)
+    y_true = [s.label for s in samples]
+    result = metrics.compute(y_true, probabilities, dataset.class_names)
+    mlflow.log_metrics(metrics.flatten(result, split_name))
+    tracking.log_figure(plots.confusion_matrix(result["confusion_matrix"], dataset.class_names,
+                                               f"{spec.name} {split_name}"), f"confusion_matrix_{split_name}.png")
+    mlflow.log_text(metrics.report_text(result, dataset.class_names), f"classification_report_{split_name}.txt")
+    tracking.log_json(result, f"metrics_{split_name}.json")
+    return result
+
+
+def _inference_ms(model, dataset, samples, spec, size, batch_size) -> float:
+    """Wall time per image of a second, warm pass over the validation images."""
+    ds = pipeline.make_dataset(dataset, samples, spec.preprocess, size, batch_size)
+    model.predict(ds, verbose=0)
+    started = time.perf_counter()
+    model.predict(ds, verbose=0)
+    return 1000 * (time.perf_counter() - started) / len(samples)
+
+
+def run_backbone(config, prepared: Prepared, name: str, weights: str, experiment: str) -> dict:
+    """Train and evaluate one backbone inside its own MLflow run; returns its headline numbers."""
+    spec = backbones.get(name)
+    size = config.model.input_size or spec.input_size
+    dataset, parts, train = prepared.dataset, prepared.parts, config.train
+    n_classes = len(dataset.class_names)
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(config.seed)
+    base, weights_used = backbones.build_base(spec, size, weights)
+    model = build_classifier(base, size, n_classes, config.model.head_units, config.model.dropout)
+    weights_table = pipeline.class_weights([s.label for s in parts["train"]], n_classes) if train.class_weights else None
+    train_ds = pipeline.make_dataset(dataset, parts["train"], spec.preprocess, size, train.batch_size, training=True,
+                                     augment=config.augment, weights=weights_table, seed=config.seed)
+    val_ds = pipeline.make_dataset(dataset, parts["val"], spec.preprocess, size, train.batch_size)
+
+    with mlflow.start_run(experiment_id=experiment, run_name=f"{name}-{weights_used}") as run, \
+            tempfile.TemporaryDirectory() as workdir:
+        mlflow.set_tags({tracking.KIND_TAG: "bench", **tracking.provenance_tags()})
+        _log_params(config, prepared, spec, size, weights_used)
+        try:
+            result = train_two_phase(model, base, spec, train_ds, val_ds, train, n_classes,
+                                     callbacks=[tracking.EpochLogger()])
+        except TrainingFailed as err:
+            mlflow.set_tag("failure", str(err))
+            mlflow.end_run(status="FAILED")
+            raise
+        mlflow.log_params({"phase2_start_epoch": result.phase2_start, "best_epoch": result.best_epoch,
+                           "unfrozen_groups": ",".join(result.unfrozen) or "none"})
+        tracking.log_figure(plots.training_curves(result.epochs, result.phase2_start, f"{name} ({weights_used})"),
+                            "training_curves.png")
+        scores = {split: _evaluate(model, dataset, parts[split], spec, size, train.batch_size, split)
+                  for split in ("val", "test") if split in parts}
+        mlflow.log_metrics({
+            "train_seconds": result.seconds,
+            "trainable_params": float(result.trainable_params),
+            "total_params": float(model.count_params()),
+            "inference_ms_per_image": _inference_ms(model, dataset, parts["val"], spec, size, train.batch_size),
+            "n_val": float(len(parts["val"])),
+        })
+        if config.tracking.log_model:
+            model_path = Path(workdir) / "model.keras"
+            model.save(model_path)
+            mlflow.log_artifact(str(model_path), "model")
+            tracking.log_json({"backbone": name, "class_names": dataset.class_names, "input_size": size,
+                               "preprocessing": spec.preprocessing, "weights": weights_used,
+                               "data_fingerprint": dataset.fingerprint}, "model/metadata.json")
+        val = scores["val"]
+        print(f"== {name:<15} weights={weights_used:<8} val_accuracy={val['accuracy']:.4f} "
+              f"val_macro_f1={val['macro_f1']:.4f} val_loss={val['loss']:.4f} "
+              f"epochs={len(result.epochs)} time={result.seconds:.1f}s run={run.info.run_id}", flush=True)
+        return {"run_id": run.info.run_id, **val}
+
+
+def run(config) -> tuple:
+    """The whole benchmark: check everything that can fail early, train each backbone, build the table."""
+    backbones.load_plugins(config.plugins)
+    for name in config.model.backbones:
+        backbones.get(name)  # unknown names fail here, listing the registered ones
+    client = tracking.connect(config.tracking)
+    weights = resolve_weights(config)
+    prepared = prepare_data(config)
+    experiment = tracking.experiment_id(client, prepared.name, config.tracking)
+    counts = ", ".join(f"{split} {len(samples)}" for split, samples in prepared.parts.items())
+    print(f"data set {prepared.name} ({prepared.path}): {len(prepared.dataset.class_names)} classes, {counts}; "
+          f"fingerprint {prepared.dataset.fingerprint}; tracking {client.tracking_uri}", flush=True)
+    for name in config.model.backbones:
+        run_backbone(config, prepared, name, weights[name], experiment)
+    table, paths = report.build(client, prepared.name, Path(config.tracking.results_dir))
+    return table, paths, prepared.name
+

@@ -1,0 +1,41 @@
+"""Backbone base + classification head, and which base layers train in each phase."""
+from __future__ import annotations
+
+import keras
+
+
+def build_classifier(base: keras.Model, input_size: int, n_classes: int, head_units: int = 256,
+                     dropout: float = 0.5) -> keras.Model:
+    """GlobalAveragePooling -> Dense(head_units, relu) -> Dropout -> softmax (or one sigmoid for 2 classes).
+
+    The base is called with training=False so its BatchNormalization layers stay in inference
+    mode even when unfrozen (Keras transfer-learning guide).
+    """
+    inputs = keras.Input((input_size, input_size, 3), name="image")
+    x = base(inputs, training=False)
+    x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
+    if head_units:
+        x = keras.layers.Dense(head_units, activation="relu", name="head_dense")(x)
+    if dropout:
+        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    if n_classes == 2:
+        outputs = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
+    else:
+        outputs = keras.layers.Dense(n_classes, activation="softmax", name="head_output")(x)
+    return keras.Model(inputs, outputs, name=f"{base.name}_classifier")
+
+
+def unfrozen_groups(spec, unfreeze: int) -> list[str]:
+    """The last `unfreeze` layer groups of the spec (0: none, more than exist: all)."""
+    return spec.group_names[len(spec.group_names) - min(max(unfreeze, 0), len(spec.group_names)):]
+
+
+def set_trainable(base: keras.Model, spec, unfreeze: int) -> list[str]:
+    """Freeze the base except the last `unfreeze` groups; BatchNormalization always stays frozen."""
+    groups = set(unfrozen_groups(spec, unfreeze))
+    base.trainable = bool(groups)
+    for layer in base.layers:
+        layer.trainable = spec.group_of(layer.name) in groups and not isinstance(
+            layer, keras.layers.BatchNormalization)
+    return sorted(groups, key=spec.group_names.index)
+

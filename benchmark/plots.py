@@ -1,0 +1,55 @@
+"""Figures for runs and tables (matplotlib, no display needed)."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def confusion_matrix(matrix, class_names: list[str], title: str):
+    matrix = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(1.2 * len(class_names) + 2.5, 1.2 * len(class_names) + 2))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), n in np.ndenumerate(matrix):
+        ax.text(j, i, str(n), ha="center", va="center", color="white" if n > matrix.max() / 2 else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(epochs: list[dict], phase2_start: int, title: str):
+    """Loss and accuracy per epoch on one axis for both phases, the boundary marked."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    steps = [e["epoch"] + 1 for e in epochs]
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.plot(steps, [e.get(key) for e in epochs], "o-", label=f"train {key}")
+        ax.plot(steps, [e.get(f"val_{key}") for e in epochs], "s-", label=f"val {key}")
+        if phase2_start:
+            ax.axvline(phase2_start + 0.5, color="grey", linestyle="--", label="phase 2 starts")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def comparison_bars(table, metrics: list[str], title: str):
+    """Grouped bars: one group per metric, one bar per backbone."""
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(metrics), 3.8))
+    width = 0.8 / max(len(table), 1)
+    for k, (_, row) in enumerate(table.iterrows()):
+        values = [row.get(m, np.nan) for m in metrics]
+        ax.bar(np.arange(len(metrics)) + k * width, values, width, label=f"{row['backbone']} ({row['weights']})")
+    ax.set_xticks(np.arange(len(metrics)) + width * (len(table) - 1) / 2, metrics)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,100 @@
+"""MLflow: where runs go, what each run records, per-epoch logging. Knows the trainer's results."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+
+import keras
+import mlflow
+import matplotlib.pyplot as plt
+from mlflow.tracking import MlflowClient
+
+KIND_TAG = "tumorbench.kind"
+PACKAGES = ("tensorflow", "keras", "numpy", "scikit-learn", "mlflow", "optuna", "tumorbench")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store can't be reached; raised before any training."""
+
+
+def tracking_uri(tracking_config) -> str:
+    """Config key, else $MLFLOW_TRACKING_URI, else a SQLite file in the results folder."""
+    if tracking_config.uri:
+        return tracking_config.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(tracking_config.results_dir).resolve() / 'mlflow.db'}"
+
+
+def connect(tracking_config) -> MlflowClient:
+    """Point MLflow at the store and prove it answers, so a dead server fails before training."""
+    uri = tracking_uri(tracking_config)
+    try:
+        if uri.startswith(("http://", "https://")):
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+        elif uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)
+    except Exception as err:  # any failure here means: not usable
+        raise TrackingUnavailable(f"MLflow tracking store {uri} is unreachable: {err}") from None
+    return client
+
+
+def experiment_id(client: MlflowClient, name: str, tracking_config) -> str:
+    """One experiment per data set; with the default local store, artifacts go under results/."""
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    location = None
+    if client.tracking_uri.startswith("sqlite:///") and not tracking_config.uri:
+        location = (Path(tracking_config.results_dir).resolve() / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def provenance_tags() -> dict[str, str]:
+    tags = {}
+    try:
+        tags["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                            cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        tags["git_commit"] = "unknown"
+    for package in PACKAGES:
+        try:
+            tags[f"version.{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return tags
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Logs every epoch of both phases on one step axis, with a `phase` metric marking the boundary.
+
+    Names get an `epoch_` prefix (epoch_val_loss, ...) so they never shadow the final metrics.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.phase = 0
+
+    def on_train_begin(self, logs=None):
+        self.phase += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        values = {f"epoch_{k}": float(v) for k, v in (logs or {}).items() if math.isfinite(float(v))}
+        mlflow.log_metrics({**values, "epoch_phase": float(self.phase)}, step=epoch)
+
+
+def log_figure(figure, name: str) -> None:
+    mlflow.log_figure(figure, name)
+    plt.close(figure)
+
+
+def log_json(values, name: str) -> None:
+    mlflow.log_text(json.dumps(values, indent=2), name)

@@ -1,0 +1,123 @@
+"""One two-phase trainer for every backbone (Keras transfer-learning guide).
+
+Phase 1 trains the head on a frozen base; phase 2 unfreezes the last layer groups, recompiles
+with a low learning rate and goes on, its epoch numbers continuing phase 1's. Both phases keep
+the best weights by validation loss, stop early, and reduce the learning rate on plateaus.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import keras
+
+from .model import set_trainable
+
+
+class TrainingFailed(RuntimeError):
+    """The run can't give a trustworthy model (e.g. the loss became NaN)."""
+
+
+class FailOnNaN(keras.callbacks.Callback):
+    """Stops at the first NaN/inf loss and remembers where, so the trainer can fail loudly."""
+
+    def __init__(self):
+        super().__init__()
+        self.where: str | None = None
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.where = f"epoch {self.epoch + 1}, batch {batch + 1}"
+            self.model.stop_training = True
+
+
+class KeepBest(keras.callbacks.Callback):
+    """Keeps the weights with the lowest validation loss seen in either phase."""
+
+    def __init__(self):
+        super().__init__()
+        self.best = math.inf
+        self.best_epoch = -1
+        self.weights = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        val_loss = (logs or {}).get("val_loss")
+        if val_loss is not None and val_loss < self.best:
+            self.best, self.best_epoch = float(val_loss), epoch
+            self.weights = self.model.get_weights()
+
+    def restore(self, model):
+        if self.weights is not None:
+            model.set_weights(self.weights)
+
+
+@dataclass
+class TrainResult:
+    epochs: list[dict] = field(default_factory=list)  # one dict per epoch: epoch, phase, metrics
+    phase2_start: int = 0  # first epoch number of phase 2
+    best_epoch: int = -1
+    unfrozen: list[str] = field(default_factory=list)
+    trainable_params: int = 0
+    seconds: float = 0.0
+
+
+def compile_model(model: keras.Model, n_classes: int, learning_rate: float) -> None:
+    if n_classes == 2:
+        loss, accuracy = "binary_crossentropy", keras.metrics.BinaryAccuracy(name="accuracy")
+    else:
+        loss, accuracy = "sparse_categorical_crossentropy", keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=[accuracy])
+
+
+def train_two_phase(model, base, spec, train_ds, val_ds, train_config, n_classes: int,
+                    callbacks: list = ()) -> TrainResult:
+    """Run both phases on `model` (whose base is `base`); `callbacks` see every epoch of both."""
+    cfg = train_config
+    result = TrainResult()
+    keep_best, nan_guard = KeepBest(), FailOnNaN()
+    started = time.perf_counter()
+    epoch = 0
+    phases = [(1, 0, cfg.lr1, cfg.epochs1), (2, cfg.unfreeze, cfg.lr2, cfg.epochs2)]
+    for phase, unfreeze, learning_rate, epochs in phases:
+        if phase == 2:
+            if epochs <= 0 or unfreeze <= 0:
+                break
+            result.phase2_start = epoch
+        unfrozen = set_trainable(base, spec, unfreeze)
+        if phase == 2:
+            result.unfrozen = unfrozen
+        compile_model(model, n_classes, learning_rate)
+        result.trainable_params = sum(int(w.numpy().size) for w in model.trainable_weights)
+        history = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            initial_epoch=epoch,
+            epochs=epoch + epochs,
+            verbose=cfg.verbose,
+            callbacks=[
+                nan_guard,
+                keep_best,
+                keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience),
+                keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=cfg.lr_factor,
+                                                  patience=cfg.lr_patience, min_lr=cfg.min_lr),
+                *callbacks,
+            ],
+        )
+        if nan_guard.where:
+            raise TrainingFailed(
+                f"{spec.name}: the loss became NaN/inf in phase {phase} at {nan_guard.where} "
+                f"(learning rate {learning_rate:g}); no model or metrics are reported. Lower the learning rate.")
+        for number in history.epoch:
+            logs = {k: float(v[history.epoch.index(number)]) for k, v in history.history.items()}
+            result.epochs.append({"epoch": number, "phase": phase, **logs})
+        epoch = (history.epoch[-1] + 1) if history.epoch else epoch
+        keep_best.restore(model)
+    result.best_epoch = keep_best.best_epoch
+    result.seconds = time.perf_counter() - started
+    return result
