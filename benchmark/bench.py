@@ -141,16 +141,16 @@ def run_backbone(config, prepared: Prepared, name: str, weights: str, experiment
         try:
             result = train_two_phase(model, base, spec, train_ds, val_ds, train, n_classes,
                                      callbacks=[tracking.EpochLogger()])
-        except TrainingFailed as err:
+            scores = {split: _evaluate(model, dataset, parts[split], spec, size, train.batch_size, split)
+                      for split in ("val", "test") if split in parts}
+        except (TrainingFailed, ValueError) as err:
             mlflow.set_tag("failure", str(err))
             mlflow.end_run(status="FAILED")
-            raise
+            raise TrainingFailed(f"{name}: {err}" if isinstance(err, ValueError) else str(err)) from err
         mlflow.log_params({"phase2_start_epoch": result.phase2_start, "best_epoch": result.best_epoch,
                            "unfrozen_groups": ",".join(result.unfrozen) or "none"})
         tracking.log_figure(plots.training_curves(result.epochs, result.phase2_start, f"{name} ({weights_used})"),
                             "training_curves.png")
-        scores = {split: _evaluate(model, dataset, parts[split], spec, size, train.batch_size, split)
-                  for split in ("val", "test") if split in parts}
         mlflow.log_metrics({
             "train_seconds": result.seconds,
             "trainable_params": float(result.trainable_params),

@@ -19,6 +19,8 @@ def compute(y_true, probabilities, class_names: list[str]) -> dict:
     second class (e.g. 'yes', 'tumor') as positive."""
     y_true = np.asarray(y_true, dtype=int)
     probabilities = class_probabilities(probabilities)
+    if not np.isfinite(probabilities).all():
+        raise ValueError("the model's outputs contain NaN/inf; no metrics can be computed from them")
     labels = list(range(len(class_names)))
     y_pred = probabilities.argmax(axis=1)
     precision, recall, f1, support = skm.precision_recall_fscore_support(

@@ -100,6 +100,7 @@ def train_two_phase(model, base, spec, train_ds, val_ds, train_config, n_classes
             initial_epoch=epoch,
             epochs=epoch + epochs,
             verbose=cfg.verbose,
+            shuffle=False,  # the tf.data pipeline shuffles
             callbacks=[
                 nan_guard,
                 keep_best,

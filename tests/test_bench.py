@@ -1,0 +1,207 @@
+"""End to end on tiny phantoms with random weights: every registered backbone, MLflow, the table."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, roc_auc_score
+
+import backbones
+from backbones._registry import _REGISTRY
+from benchmark import bench, intake, pipeline, tracking
+from benchmark.config import load_config
+from benchmark.model import build_classifier
+from benchmark.trainer import TrainingFailed, train_two_phase
+
+TINY = [
+    "data.phantom_per_class=5", "data.phantom_size=32", "data.val_fraction=0.4",
+    'model.weights="none"', "model.input_size=32", "model.head_units=8",
+    "train.epochs1=1", "train.epochs2=1", "train.batch_size=8", "train.verbose=0",
+]
+
+
+def tiny_config(tmp_path, *extra):
+    return load_config(None, [*TINY, f'tracking.results_dir="{tmp_path / "results"}"', *extra])
+
+
+@pytest.fixture(scope="module")
+def benched(tmp_path_factory):
+    """One tiny benchmark over every registered backbone, shared by the assertions below."""
+    tmp = tmp_path_factory.mktemp("bench")
+    config = tiny_config(tmp, f"model.backbones={json.dumps(backbones.names())}")
+    table, paths, name = bench.run(config)
+    return config, table, paths, name
+
+
+def test_one_finished_run_and_row_per_backbone(benched):
+    config, table, paths, name = benched
+    client = MlflowClient(tracking.tracking_uri(config.tracking))
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert sorted(r.data.params["backbone"] for r in runs) == backbones.names()
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(table["backbone"]) == backbones.names()
+    assert paths["md"].read_text().count("\n| ") == len(backbones.names()) + 1  # header + one row each
+    for run in runs:
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.toml", "confusion_matrix_val.png", "training_curves.png", "model",
+                "classification_report_val.txt"} <= artifacts
+        assert run.data.params["weights"] == "none"
+        assert run.data.tags["version.keras"] == keras.__version__
+        history = client.get_metric_history(run.info.run_id, "epoch_phase")
+        assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 2.0)]  # one axis, phase 2 continues
+
+
+def test_logged_metrics_equal_scikit_learn_on_the_saved_model(benched):
+    config, table, _, name = benched
+    client = MlflowClient(tracking.tracking_uri(config.tracking))
+    prepared = bench.prepare_data(config)
+    val = prepared.parts["val"]
+    y = np.array([s.label for s in val])
+    classes = prepared.dataset.class_names
+    for run in client.search_runs([client.get_experiment_by_name(name).experiment_id]):
+        spec = backbones.get(run.data.params["backbone"])
+        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model/model.keras",
+                                                    tracking_uri=client.tracking_uri)
+        model = keras.saving.load_model(local)
+        probs = model.predict(pipeline.make_dataset(prepared.dataset, val, spec.preprocess, 32, 8), verbose=0)
+        pred = probs.argmax(axis=1)
+        logged = run.data.metrics
+        precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=range(4), zero_division=0)
+        assert logged["val_accuracy"] == pytest.approx(accuracy_score(y, pred))
+        assert logged["val_macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", zero_division=0))
+        assert logged["val_roc_auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr"), abs=1e-6)
+        for i, cls in enumerate(classes):
+            assert logged[f"val_precision_{cls}"] == pytest.approx(precision[i])
+            assert logged[f"val_recall_{cls}"] == pytest.approx(recall[i])
+            assert logged[f"val_f1_{cls}"] == pytest.approx(f1[i])
+            assert logged[f"val_support_{cls}"] == support[i]
+        row = table.set_index("backbone").loc[spec.name]
+        assert row["accuracy"] == pytest.approx(logged["val_accuracy"])
+
+
+def test_report_rebuilds_the_same_table_from_mlflow_alone(benched, tmp_path):
+    config, table, paths, name = benched
+    before = paths["csv"].read_text()
+    paths["csv"].unlink()
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmark", "report", "--set", f'tracking.results_dir="{config.tracking.results_dir}"',
+         "--set", "data.phantom_per_class=5", "--set", "data.phantom_size=32"],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert paths["csv"].read_text() == before
+    assert len(pd.read_csv(paths["csv"])) == len(backbones.names())
+
+
+def _tiny_parts(tmp_path, mode="binary"):
+    from benchmark.phantoms import phantom_dataset
+
+    dataset = intake.load_dataset(phantom_dataset(mode, per_class=6, size=32, seed=1, cache=tmp_path))
+    return dataset, intake.split(dataset, 0.34, seed=1)
+
+
+class _Snapshots(keras.callbacks.Callback):
+    """Base weights per layer when phase 2 begins and ends (before the best-weights restore)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base, self.calls, self.start, self.end = base, 0, None, None
+
+    def _weights(self):
+        return {layer.name: [w.numpy().copy() for w in layer.weights] for layer in self.base.layers}
+
+    def on_train_begin(self, logs=None):
+        self.calls += 1
+        if self.calls == 2:
+            self.start = self._weights()
+
+    def on_train_end(self, logs=None):
+        if self.calls == 2:
+            self.end = self._weights()
+
+
+@pytest.mark.parametrize("name", backbones.names())
+def test_phase_two_changes_only_the_unfrozen_groups(name, tmp_path):
+    spec = backbones.get(name)
+    dataset, parts = _tiny_parts(tmp_path)
+    config = load_config(None, ["train.epochs1=1", "train.epochs2=2", "train.lr2=1e-2", "train.unfreeze=1",
+                                "train.verbose=0", "train.patience=5"])
+    keras.utils.set_random_seed(0)
+    base, _ = backbones.build_base(spec, 32, "none")
+    model = build_classifier(base, 32, 2, 8, 0.0)
+    train_ds = pipeline.make_dataset(dataset, parts["train"], spec.preprocess, 32, 4, training=True)
+    val_ds = pipeline.make_dataset(dataset, parts["val"], spec.preprocess, 32, 4)
+    snapshots = _Snapshots(base)
+    result = train_two_phase(model, base, spec, train_ds, val_ds, config.train, 2, callbacks=[snapshots])
+    assert result.unfrozen == spec.group_names[-1:]
+    assert result.phase2_start == 1 and [e["phase"] for e in result.epochs] == [1, 2, 2]
+    changed_top = False
+    for layer in base.layers:
+        if not snapshots.start[layer.name]:
+            continue
+        same = all(np.array_equal(a, b) for a, b in zip(snapshots.start[layer.name], snapshots.end[layer.name]))
+        in_top = spec.group_of(layer.name) in result.unfrozen
+        if not in_top or isinstance(layer, keras.layers.BatchNormalization):
+            assert same, f"{layer.name} is frozen in phase 2 but its weights changed"
+        elif not same:
+            changed_top = True
+    assert changed_top, "no weight of the unfrozen group changed in phase 2"
+
+
+def test_nan_loss_fails_the_run_loudly(tmp_path):
+    (tmp_path / "nan_backbone.py").write_text(textwrap.dedent('''
+        import keras, tensorflow as tf
+        from backbones import BackboneSpec, register
+
+        def build(size, weights):
+            inputs = keras.Input((size, size, 3))
+            return keras.Model(inputs, keras.layers.Conv2D(4, 3, name="nan_conv")(inputs))
+
+        @register
+        def nan_net():
+            return BackboneSpec(name="nan_net", build=build, preprocess=lambda x: x * float("nan"),
+                                preprocessing="nan", input_size=32,
+                                layer_groups=(("all", ("input", "nan_conv")),), last_conv_layer="nan_conv")
+    '''))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        # no hidden ReLU layer: relu(NaN) is 0 on some CPU kernels and would hide the NaN from the loss
+        config = tiny_config(tmp_path, 'plugins=["nan_backbone"]', 'model.backbones=["nan_net"]', "model.head_units=0")
+        with pytest.raises(TrainingFailed, match="nan_net: the loss became NaN/inf in phase 1 at epoch 1"):
+            bench.run(config)
+    finally:
+        _REGISTRY.pop("nan_net", None)
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("nan_backbone", None)
+    client = MlflowClient(tracking.tracking_uri(config.tracking))
+    (run,) = client.search_runs([client.get_experiment_by_name("phantoms-4class").experiment_id])
+    assert run.info.status == "FAILED" and "NaN" in run.data.tags["failure"]
+    assert "val_accuracy" not in run.data.metrics
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("training started although the tracking server is unreachable")
+
+    monkeypatch.setattr(bench, "prepare_data", must_not_run)
+    monkeypatch.setattr(bench, "run_backbone", must_not_run)
+    config = tiny_config(tmp_path, 'tracking.uri="http://127.0.0.1:9"')
+    with pytest.raises(tracking.TrackingUnavailable, match="http://127.0.0.1:9 is unreachable"):
+        bench.run(config)
+
+
+def test_missing_weights_fall_back_loudly_or_fail(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty-keras"))
+    monkeypatch.setattr(tracking.urllib.request, "urlopen", None)  # never used for sqlite; guards the network
+    strict = tiny_config(tmp_path, 'model.weights="imagenet"', 'model.backbones=["vgg16"]')
+    with pytest.raises(backbones.WeightsUnavailable, match="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"):
+        bench.resolve_weights(strict)
+    lenient = tiny_config(tmp_path, 'model.weights="imagenet"', 'model.weights_fallback="none"',
+                          'model.backbones=["vgg16"]')
+    assert bench.resolve_weights(lenient) == {"vgg16": "none"}
+    assert "falls back to weights 'none'" in capsys.readouterr().err
