@@ -16,6 +16,9 @@ from mlflow.tracking import MlflowClient
 
 KIND_TAG = "tumorbench.kind"
 PACKAGES = ("tensorflow", "keras", "numpy", "scikit-learn", "mlflow", "optuna", "tumorbench")
+# The user's setting, read once: mlflow.set_tracking_uri() writes this variable itself, so reading
+# it later would return our own last choice instead of the user's.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI", "")
 
 
 class TrackingUnavailable(RuntimeError):
@@ -26,8 +29,8 @@ def tracking_uri(tracking_config) -> str:
     """Config key, else $MLFLOW_TRACKING_URI, else a SQLite file in the results folder."""
     if tracking_config.uri:
         return tracking_config.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    if USER_TRACKING_URI:
+        return USER_TRACKING_URI
     return f"sqlite:///{Path(tracking_config.results_dir).resolve() / 'mlflow.db'}"
 
 

@@ -1,0 +1,56 @@
+import tomllib
+
+import pytest
+
+from benchmark import tracking
+from benchmark.config import Config, ConfigError, load_config
+
+
+def test_defaults_then_file_then_overrides(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_text('seed = 7\n[train]\nlr1 = 1e-3\nepochs1 = 3\n[model]\nbackbones = ["vgg16"]\n')
+    config = load_config(path, ["train.lr1=5e-4", "model.backbones=vgg16,resnet50", 'data.path="/d"'])
+    assert config.seed == 7 and config.train.epochs1 == 3  # file
+    assert config.train.lr1 == 5e-4 and config.model.backbones == ["vgg16", "resnet50"]  # overrides win
+    assert config.data.path == "/d" and config.train.lr2 == Config().train.lr2  # untouched default
+
+
+def test_merged_config_round_trips_through_toml(tmp_path):
+    config = load_config(None, ["augment.enabled=false", "train.lr2=3e-05", 'data.class_names=["b", "a"]'])
+    assert load_config(None) != config
+    path = tmp_path / "saved.toml"
+    path.write_text(config.to_toml())
+    assert load_config(path) == config
+    assert tomllib.loads(config.to_toml())["augment"]["enabled"] is False
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[train]\nlr_one = 1\n", "unknown key 'lr_one'"),
+    ("[train]\nepochs1 = 'ten'\n", "epochs1: expected int"),
+    ("[train]\nepochs1 = true\n", "epochs1: expected int"),
+    ("train = 3\n", "[train] must be a table"),
+    ("[train\n", "not valid TOML"),
+])
+def test_bad_files_name_file_and_key(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["train.lr1"])
+    with pytest.raises(ConfigError, match="nope.toml: config file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_tracking_uri_precedence(monkeypatch, tmp_path):
+    config = load_config(None, [f'tracking.results_dir="{tmp_path}"'])
+    monkeypatch.setattr(tracking, "USER_TRACKING_URI", "")
+    assert tracking.tracking_uri(config.tracking) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setattr(tracking, "USER_TRACKING_URI", "http://team-server:5000")
+    assert tracking.tracking_uri(config.tracking) == "http://team-server:5000"
+    config.tracking.uri = "sqlite:////elsewhere.db"
+    assert tracking.tracking_uri(config.tracking) == "sqlite:////elsewhere.db"
