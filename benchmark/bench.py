@@ -119,8 +119,21 @@ def _inference_ms(model, dataset, samples, spec, size, batch_size) -> float:
     return 1000 * (time.perf_counter() - started) / len(samples)
 
 
-def run_backbone(config, prepared: Prepared, name: str, weights: str, experiment: str) -> dict:
-    """Train and evaluate one backbone inside its own MLflow run; returns its headline numbers."""
+@dataclass
+class Built:
+    """One backbone's model and input pipelines, ready to train."""
+
+    spec: object
+    size: int
+    base: keras.Model
+    model: keras.Model
+    weights_used: str
+    train_ds: object
+    val_ds: object
+
+
+def build(config, prepared: Prepared, name: str, weights: str) -> Built:
+    """The model factory: a fresh Keras session, seeded, base + head, and the pipelines feeding it."""
     spec = backbones.get(name)
     size = config.model.input_size or spec.input_size
     dataset, parts, train = prepared.dataset, prepared.parts, config.train
@@ -133,42 +146,62 @@ def run_backbone(config, prepared: Prepared, name: str, weights: str, experiment
     train_ds = pipeline.make_dataset(dataset, parts["train"], spec.preprocess, size, train.batch_size, training=True,
                                      augment=config.augment, weights=weights_table, seed=config.seed)
     val_ds = pipeline.make_dataset(dataset, parts["val"], spec.preprocess, size, train.batch_size)
+    return Built(spec, size, base, model, weights_used, train_ds, val_ds)
 
-    with mlflow.start_run(experiment_id=experiment, run_name=f"{name}-{weights_used}") as run, \
-            tempfile.TemporaryDirectory() as workdir:
-        mlflow.set_tags({tracking.KIND_TAG: "bench", **tracking.provenance_tags()})
-        _log_params(config, prepared, spec, size, weights_used)
-        try:
-            result = train_two_phase(model, base, spec, train_ds, val_ds, train, n_classes,
-                                     callbacks=[tracking.EpochLogger()])
-            scores = {split: _evaluate(model, dataset, parts[split], spec, size, train.batch_size, split)
-                      for split in ("val", "test") if split in parts}
-        except (TrainingFailed, ValueError) as err:
-            mlflow.set_tag("failure", str(err))
-            mlflow.end_run(status="FAILED")
-            raise TrainingFailed(f"{name}: {err}" if isinstance(err, ValueError) else str(err)) from err
-        mlflow.log_params({"phase2_start_epoch": result.phase2_start, "best_epoch": result.best_epoch,
-                           "unfrozen_groups": ",".join(result.unfrozen) or "none"})
-        tracking.log_figure(plots.training_curves(result.epochs, result.phase2_start, f"{name} ({weights_used})"),
-                            "training_curves.png")
-        mlflow.log_metrics({
-            "train_seconds": result.seconds,
-            "trainable_params": float(result.trainable_params),
-            "total_params": float(model.count_params()),
-            "inference_ms_per_image": _inference_ms(model, dataset, parts["val"], spec, size, train.batch_size),
-            "n_val": float(len(parts["val"])),
-        })
-        if config.tracking.log_model:
+
+def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = ()) -> dict:
+    """Inside the active MLflow run: params, both phases, evaluation, figures, timings, the model.
+
+    `callbacks` run on every epoch before the MLflow epoch logger. Returns {split: metrics}.
+    """
+    spec, size, model, train = built.spec, built.size, built.model, config.train
+    dataset, parts = prepared.dataset, prepared.parts
+    n_classes = len(dataset.class_names)
+    _log_params(config, prepared, spec, size, built.weights_used)
+    try:
+        result = train_two_phase(model, built.base, spec, built.train_ds, built.val_ds, train, n_classes,
+                                 callbacks=[*callbacks, tracking.EpochLogger()])
+        scores = {split: _evaluate(model, dataset, parts[split], spec, size, train.batch_size, split)
+                  for split in ("val", "test") if split in parts}
+    except (TrainingFailed, ValueError) as err:
+        mlflow.set_tag("failure", str(err))
+        raise TrainingFailed(f"{spec.name}: {err}" if isinstance(err, ValueError) else str(err)) from err
+    mlflow.log_params({"phase2_start_epoch": result.phase2_start, "best_epoch": result.best_epoch,
+                       "unfrozen_groups": ",".join(result.unfrozen) or "none"})
+    tracking.log_figure(plots.training_curves(result.epochs, result.phase2_start,
+                                              f"{spec.name} ({built.weights_used})"), "training_curves.png")
+    mlflow.log_metrics({
+        "train_seconds": result.seconds,
+        "trainable_params": float(result.trainable_params),
+        "total_params": float(model.count_params()),
+        "inference_ms_per_image": _inference_ms(model, dataset, parts["val"], spec, size, train.batch_size),
+        "n_val": float(len(parts["val"])),
+    })
+    if config.tracking.log_model:
+        with tempfile.TemporaryDirectory() as workdir:
             model_path = Path(workdir) / "model.keras"
             model.save(model_path)
             mlflow.log_artifact(str(model_path), "model")
-            tracking.log_json({"backbone": name, "class_names": dataset.class_names, "input_size": size,
-                               "preprocessing": spec.preprocessing, "weights": weights_used,
-                               "data_fingerprint": dataset.fingerprint}, "model/metadata.json")
-        val = scores["val"]
-        print(f"== {name:<15} weights={weights_used:<8} val_accuracy={val['accuracy']:.4f} "
+        tracking.log_json({"backbone": spec.name, "class_names": dataset.class_names, "input_size": size,
+                           "preprocessing": spec.preprocessing, "weights": built.weights_used,
+                           "data_fingerprint": dataset.fingerprint}, "model/metadata.json")
+    return {**scores, "epochs": len(result.epochs), "seconds": result.seconds}
+
+
+def run_backbone(config, prepared: Prepared, name: str, weights: str, experiment: str) -> dict:
+    """Train and evaluate one backbone inside its own MLflow run; prints one summary line."""
+    built = build(config, prepared, name, weights)
+    with mlflow.start_run(experiment_id=experiment, run_name=f"{name}-{built.weights_used}") as run:
+        mlflow.set_tags({tracking.KIND_TAG: "bench", **tracking.provenance_tags()})
+        try:
+            outcome = train_and_log(config, prepared, built)
+        except TrainingFailed:
+            mlflow.end_run(status="FAILED")
+            raise
+        val = outcome["val"]
+        print(f"== {name:<15} weights={built.weights_used:<8} val_accuracy={val['accuracy']:.4f} "
               f"val_macro_f1={val['macro_f1']:.4f} val_loss={val['loss']:.4f} "
-              f"epochs={len(result.epochs)} time={result.seconds:.1f}s run={run.info.run_id}", flush=True)
+              f"epochs={outcome['epochs']} time={outcome['seconds']:.1f}s run={run.info.run_id}", flush=True)
         return {"run_id": run.info.run_id, **val}
 
 

@@ -41,6 +41,23 @@ def _bench(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from backbones import WeightsUnavailable
+
+    from . import sweep
+    from .tracking import TrackingUnavailable
+
+    extra = [f"sweep.trials={args.trials}"] if args.trials else []
+    extra += [f'sweep.storage="{args.storage}"'] if args.storage else []
+    args.set = [*(args.set or []), *extra]
+    try:
+        sweep.run(_config(args), worker=args.worker, workers=args.workers)
+    except (*USER_ERRORS, WeightsUnavailable, TrackingUnavailable, sweep.ConfigurationError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _report(args) -> int:
     from . import bench, report, tracking
 
@@ -104,10 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--weights", help="imagenet | none | hed | path to a weights file")
     bench_cmd.set_defaults(run=_bench)
 
+    sweep_cmd = commands.add_parser("sweep", help="Optuna study per backbone over lr1, lr2, unfreeze, dropout, head")
+    common(sweep_cmd)
+    sweep_cmd.add_argument("--backbones", help="comma-separated names (default: all in the config)")
+    sweep_cmd.add_argument("--weights", help="imagenet | none | hed | path to a weights file")
+    sweep_cmd.add_argument("--trials", type=int, help="finished trials each study should reach")
+    sweep_cmd.add_argument("--storage", help="Optuna storage URL (default: sqlite file in results/)")
+    sweep_cmd.add_argument("--worker", type=int, default=0, help="this worker's index (seeds its sampler)")
+    sweep_cmd.add_argument("--workers", type=int, default=1, help="how many workers share the study")
+    sweep_cmd.set_defaults(run=_sweep)
+
     report_cmd = commands.add_parser("report", help="rebuild the comparison table from MLflow alone")
     common(report_cmd)
     report_cmd.add_argument("--dataset", help="experiment name (default: derived from --data or the config)")
-    report_cmd.add_argument("--source", default="bench", choices=["bench"], help="which runs to compare")
+    report_cmd.add_argument("--source", default="bench", choices=["bench", "sweep"],
+                            help="bench: newest bench run per backbone; sweep: best sweep trial per backbone")
     report_cmd.set_defaults(run=_report)
     return parser
 

@@ -70,6 +70,20 @@ class TrackingConfig:
 
 
 @dataclass
+class SweepConfig:
+    trials: int = 20  # target number of finished trials per study (complete, pruned or failed)
+    metric: str = "macro_f1"  # validation metric: macro_f1, accuracy, roc_auc, loss, ...
+    pruner: str = "median"  # median | hyperband | none
+    storage: str = ""  # empty: sqlite:///<results_dir>/optuna.db; postgresql://... for many workers
+    heartbeat_seconds: int = 30  # a RUNNING trial silent for 2x this is marked failed
+    lr1: list[float] = field(default_factory=lambda: [1e-5, 1e-2])  # log-uniform range
+    lr2: list[float] = field(default_factory=lambda: [1e-6, 1e-3])  # log-uniform range
+    unfreeze: list[int] = field(default_factory=lambda: [0, -1])  # groups; -1: all of the backbone's
+    dropout: list[float] = field(default_factory=lambda: [0.0, 0.7])
+    head_units: list[int] = field(default_factory=lambda: [64, 512])
+
+
+@dataclass
 class Config:
     seed: int = 42
     plugins: list[str] = field(default_factory=list)  # modules that register extra backbones
@@ -78,6 +92,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

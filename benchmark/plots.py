@@ -53,3 +53,17 @@ def comparison_bars(table, metrics: list[str], title: str):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def score_by_unfreeze(trials, score_label: str, title: str):
+    """Each finished trial's score against how many layer groups it unfroze."""
+    fig, ax = plt.subplots()
+    for state, marker in (("COMPLETE", "o"), ("PRUNED", "x")):
+        part = trials[trials["state"] == state] if "state" in trials else trials.iloc[:0]
+        if len(part) and "params_unfreeze" in part:
+            ax.scatter(part["params_unfreeze"], part["value"], marker=marker, label=state.lower())
+    ax.set_xlabel("unfrozen layer groups (0 = head only)")
+    ax.set_ylabel(score_label)
+    ax.set_title(f"{title}: score by unfreeze depth")
+    ax.legend(fontsize=8)
+    return fig

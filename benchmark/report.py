@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,23 +16,35 @@ from .tracking import KIND_TAG
 HEADLINE = ["accuracy", "loss", "macro_f1", "roc_auc"]
 
 
-def latest_runs(client: MlflowClient, experiment_name: str, source: str = "bench") -> list:
-    """The newest finished run per backbone of `source` ('bench' runs) in the experiment."""
+SOURCES = {"bench": "bench", "sweep": "sweep-trial"}
+
+
+def _trial_score(run) -> float:
+    """A sweep trial's score, oriented so that higher is better."""
+    metric = run.data.tags.get("tumorbench.sweep_metric", "macro_f1")
+    value = run.data.metrics.get(f"val_{metric}", np.nan)
+    return -value if metric == "loss" else value
+
+
+def select_runs(client: MlflowClient, experiment_name: str, source: str = "bench") -> list:
+    """Per backbone: the newest finished `bench` run, or the best finished `sweep` trial."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
-        raise LookupError(f"MLflow has no experiment {experiment_name!r}; run `make bench` for that data first")
+        raise LookupError(f"MLflow has no experiment {experiment_name!r}; run `make {source}` for that data first")
     runs = client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.`{KIND_TAG}` = '{source}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.`{KIND_TAG}` = '{SOURCES[source]}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
-        max_results=1000,
+        max_results=5000,
     )
-    newest: dict[str, object] = {}
+    chosen: dict[str, object] = {}
     for run in runs:
-        newest.setdefault(run.data.params.get("backbone"), run)
-    if not newest:
+        name = run.data.params.get("backbone")
+        if name not in chosen or (source == "sweep" and _trial_score(run) > _trial_score(chosen[name])):
+            chosen[name] = run
+    if not chosen:
         raise LookupError(f"experiment {experiment_name!r} has no finished {source} runs")
-    return [newest[name] for name in sorted(newest)]
+    return [chosen[name] for name in sorted(chosen)]
 
 
 def comparison_table(runs: list) -> pd.DataFrame:
@@ -39,6 +53,10 @@ def comparison_table(runs: list) -> pd.DataFrame:
         m, p = run.data.metrics, run.data.params
         classes = json.loads(p["class_names"])
         row = {"backbone": p["backbone"], "weights": p["weights"]}
+        if run.data.tags.get("tumorbench.trial"):
+            row.update({"trial": int(run.data.tags["tumorbench.trial"]), "lr1": float(p["lr1"]),
+                        "lr2": float(p["lr2"]), "unfreeze": int(p["unfreeze"]), "dropout": float(p["dropout"]),
+                        "head_units": int(p["head_units"])})
         row.update({key: m.get(f"val_{key}", np.nan) for key in HEADLINE})
         for name in classes:
             for short, metric in (("P", "precision"), ("R", "recall"), ("F1", "f1")):
@@ -71,6 +89,19 @@ def markdown(table: pd.DataFrame, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def copy_run_figures(client: MlflowClient, runs: list, out_dir: Path) -> list[Path]:
+    """Each run's training curves and confusion matrix, fetched from MLflow, as <backbone>-<figure>.png."""
+    copied = []
+    for run in runs:
+        for figure in ("training_curves.png", "confusion_matrix_val.png"):
+            with tempfile.TemporaryDirectory() as tmp:
+                local = client.download_artifacts(run.info.run_id, figure, tmp)
+                target = out_dir / f"{run.data.params['backbone']}-{figure}"
+                shutil.copyfile(local, target)
+                copied.append(target)
+    return copied
+
+
 def write(table: pd.DataFrame, out_dir: Path, title: str) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": out_dir / "comparison.md", "csv": out_dir / "comparison.csv", "png": out_dir / "comparison.png"}
@@ -83,6 +114,11 @@ def write(table: pd.DataFrame, out_dir: Path, title: str) -> dict[str, Path]:
 
 
 def build(client: MlflowClient, experiment_name: str, results_dir: Path, source: str = "bench"):
-    """Query MLflow, write results/<data set>/comparison.{md,csv,png}; returns (table, paths)."""
-    table = comparison_table(latest_runs(client, experiment_name, source))
-    return table, write(table, Path(results_dir) / experiment_name, f"{experiment_name}: backbone comparison")
+    """Query MLflow, write results/<data set>/[sweep/]comparison.{md,csv,png}; returns (table, paths)."""
+    runs = select_runs(client, experiment_name, source)
+    table = comparison_table(runs)
+    out_dir = Path(results_dir) / experiment_name / ("sweep" if source == "sweep" else "")
+    title = f"{experiment_name}: {'best sweep trial per backbone' if source == 'sweep' else 'backbone comparison'}"
+    paths = write(table, out_dir, title)
+    copy_run_figures(client, runs, out_dir)
+    return table, paths

@@ -11,7 +11,9 @@ import time
 from dataclasses import dataclass, field
 
 import keras
+import numpy as np
 
+from . import metrics
 from .model import set_trainable
 
 
@@ -35,6 +37,22 @@ class FailOnNaN(keras.callbacks.Callback):
         if loss is not None and not math.isfinite(float(loss)):
             self.where = f"epoch {self.epoch + 1}, batch {batch + 1}"
             self.model.stop_training = True
+
+
+class EpochScore(keras.callbacks.Callback):
+    """Adds `val_<key>` (e.g. val_macro_f1) to each epoch's logs, computed on the validation set,
+    so later callbacks (MLflow, Optuna pruning) see the metric the study optimises."""
+
+    def __init__(self, val_ds, labels, class_names, key: str):
+        super().__init__()
+        self.val_ds, self.labels, self.class_names, self.key = val_ds, labels, class_names, key
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or f"val_{self.key}" in logs:
+            return
+        probabilities = self.model.predict(self.val_ds, verbose=0)
+        if np.isfinite(probabilities).all():
+            logs[f"val_{self.key}"] = metrics.compute(self.labels, probabilities, self.class_names)[self.key]
 
 
 class KeepBest(keras.callbacks.Callback):

@@ -1,0 +1,230 @@
+"""Optuna studies over the two-phase recipe: one study per backbone and data set.
+
+The objective (suggest, train, score) is separate from the model factory (bench.build). Each
+trial is an MLflow child run under the study's parent run; the parent gets the best trial and
+Optuna's plots. Storage is Optuna's RDB storage: a SQLite file by default, PostgreSQL for many
+workers, which then coordinate through the database alone.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import keras
+import matplotlib.pyplot as plt
+import mlflow
+import optuna
+import tensorflow as tf
+from mlflow.tracking import MlflowClient
+
+import backbones
+
+from . import bench, plots, tracking
+from .trainer import EpochScore, TrainingFailed
+
+STUDY_ATTR_PARENT = "mlflow_parent_run_id"
+
+
+class ConfigurationError(ValueError):
+    """A sweep that can't run as configured (e.g. several workers on one SQLite file)."""
+
+
+def storage_url(config) -> str:
+    return config.sweep.storage or f"sqlite:///{Path(config.tracking.results_dir).resolve() / 'optuna.db'}"
+
+
+def direction(metric: str) -> str:
+    return "minimize" if metric == "loss" else "maximize"
+
+
+def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=2, max_resource=max(max_epochs, 2))
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ConfigurationError(f"sweep.pruner {name!r}: choose median, hyperband or none")
+
+
+def open_study(config, name: str, worker: int) -> optuna.Study:
+    """Create or load the study; heartbeats let a restart mark trials of killed workers failed."""
+    beat = config.sweep.heartbeat_seconds
+    storage = optuna.storages.RDBStorage(storage_url(config), heartbeat_interval=beat, grace_period=2 * beat)
+    study = optuna.create_study(
+        study_name=name, storage=storage, load_if_exists=True, direction=direction(config.sweep.metric),
+        sampler=optuna.samplers.TPESampler(seed=config.seed + worker),
+        pruner=make_pruner(config.sweep.pruner, config.train.epochs1 + config.train.epochs2),
+    )
+    optuna.storages.fail_stale_trials(study)  # trials of workers killed mid-run
+    return study
+
+
+def suggest(trial: optuna.Trial, space, spec) -> dict:
+    """The recipe's free parameters for this trial, within the configured ranges."""
+    top = len(spec.group_names) if space.unfreeze[1] < 0 else space.unfreeze[1]
+    return {
+        "lr1": trial.suggest_float("lr1", *space.lr1, log=True),
+        "lr2": trial.suggest_float("lr2", *space.lr2, log=True),
+        "unfreeze": trial.suggest_int("unfreeze", space.unfreeze[0], top),
+        "dropout": trial.suggest_float("dropout", *space.dropout),
+        "head_units": trial.suggest_int("head_units", *space.head_units, log=True),
+    }
+
+
+def trial_config(config, params: dict):
+    trial = copy.deepcopy(config)
+    trial.train.lr1, trial.train.lr2, trial.train.unfreeze = params["lr1"], params["lr2"], params["unfreeze"]
+    trial.model.dropout, trial.model.head_units = params["dropout"], params["head_units"]
+    trial.tracking.log_model = False
+    return trial
+
+
+class OptunaPruning(keras.callbacks.Callback):
+    """Reports the study's metric every epoch (one step axis across both phases) and prunes."""
+
+    def __init__(self, trial: optuna.Trial, key: str):
+        super().__init__()
+        self.trial, self.key = trial, key
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.key)
+        if value is None:
+            return
+        self.trial.report(float(value), step=epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch + 1} ({self.key}={value:.4f})")
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (Linux), to show memory stays flat over a study."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def make_objective(config, prepared, spec, weights: str, experiment: str, parent_id: str, study_name: str):
+    metric = config.sweep.metric
+    labels = [s.label for s in prepared.parts["val"]]
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, config.sweep, spec)
+        tconfig = trial_config(config, params)
+        built = bench.build(tconfig, prepared, spec.name, weights)  # clears the Keras session first
+        tags = {tracking.KIND_TAG: "sweep-trial", "mlflow.parentRunId": parent_id, "tumorbench.study": study_name,
+                "tumorbench.trial": str(trial.number), "tumorbench.sweep_metric": metric,
+                **tracking.provenance_tags()}
+        with mlflow.start_run(experiment_id=experiment, run_name=f"{spec.name}-trial-{trial.number}", tags=tags):
+            callbacks = [EpochScore(built.val_ds, labels, prepared.dataset.class_names, metric),
+                         OptunaPruning(trial, f"val_{metric}")]
+            try:
+                outcome = bench.train_and_log(tconfig, prepared, built, callbacks=callbacks)
+            except optuna.TrialPruned as pruned:
+                mlflow.set_tags({"tumorbench.state": "PRUNED", "pruned": str(pruned)})
+                mlflow.log_metric("rss_mb", rss_mb())
+                mlflow.end_run(status="KILLED")
+                raise
+            except (TrainingFailed, tf.errors.ResourceExhaustedError, MemoryError) as err:
+                reason = f"{type(err).__name__}: {err}"
+                trial.set_user_attr("fail_reason", reason)
+                mlflow.set_tags({"tumorbench.state": "FAIL", "failure": reason})
+                mlflow.end_run(status="FAILED")
+                raise
+            memory = rss_mb()
+            trial.set_user_attr("rss_mb", memory)
+            trial.set_user_attr("mlflow_run_id", mlflow.active_run().info.run_id)
+            mlflow.log_metric("rss_mb", memory)
+            mlflow.set_tag("tumorbench.state", "COMPLETE")
+            print(f"-- {study_name} trial {trial.number}: val_{metric}={outcome['val'][metric]:.4f} "
+                  f"params={params} rss={memory:.0f} MB", flush=True)
+            return outcome["val"][metric]
+
+    return objective
+
+
+def parent_run(client: MlflowClient, study: optuna.Study, experiment: str, config, spec_name: str) -> str:
+    """The study's parent MLflow run, opened by the first worker and found by the others."""
+    parent = study.user_attrs.get(STUDY_ATTR_PARENT)
+    if parent is None:
+        run = client.create_run(experiment, run_name=f"study-{study.study_name}",
+                                tags={tracking.KIND_TAG: "sweep-study", "tumorbench.study": study.study_name,
+                                      "tumorbench.backbone": spec_name})
+        parent = run.info.run_id
+        study.set_user_attr(STUDY_ATTR_PARENT, parent)
+        client.log_text(parent, config.to_toml(), "config.toml")
+    else:
+        client.update_run(parent, status="RUNNING")
+    return parent
+
+
+def finished_count(study: optuna.Study) -> int:
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    return len(study.get_trials(deepcopy=False, states=done))
+
+
+def summarise(client: MlflowClient, study: optuna.Study, parent: str, out_dir: Path, spec_name: str, metric: str):
+    """Best trial's params and metrics onto the parent run; plots and the trial table on disk and in MLflow."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
+    trials.to_csv(out_dir / f"{spec_name}-trials.csv", index=False)
+    client.log_artifact(parent, str(out_dir / f"{spec_name}-trials.csv"))
+    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if completed:
+        best = study.best_trial
+        client.log_batch(parent, params=[mlflow.entities.Param(f"best_{k}", str(v)) for k, v in best.params.items()],
+                         metrics=[mlflow.entities.Metric(f"best_val_{metric}", best.value, 0, 0)])
+        client.set_tag(parent, "best_trial", str(best.number))
+        if best.user_attrs.get("mlflow_run_id"):
+            client.set_tag(parent, "best_run_id", best.user_attrs["mlflow_run_id"])
+    figures = {"optimization_history": lambda: optuna.visualization.matplotlib.plot_optimization_history(study),
+               "unfreeze_depth": lambda: plots.score_by_unfreeze(trials, f"val {metric}", spec_name)}
+    if len(completed) >= 2:
+        figures["param_importances"] = lambda: optuna.visualization.matplotlib.plot_param_importances(study)
+    for name, draw in figures.items():
+        drawn = draw()  # optuna's plots return Axes, ours a Figure
+        figure = drawn if isinstance(drawn, plt.Figure) else drawn.figure
+        figure.set_size_inches(7, 4.5)
+        figure.tight_layout()
+        path = out_dir / f"{spec_name}-{name}.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        client.log_artifact(parent, str(path))
+    client.set_terminated(parent, "FINISHED")
+
+
+def run(config, worker: int = 0, workers: int = 1) -> None:
+    """Run (or continue) one study per configured backbone until each has `sweep.trials` finished trials."""
+    if workers > 1 and storage_url(config).startswith("sqlite"):
+        raise ConfigurationError("several workers need a shared server storage: set STORAGE=postgresql://...; "
+                                 "SQLite files are for one worker")
+    backbones.load_plugins(config.plugins)
+    for name in config.model.backbones:
+        backbones.get(name)
+    make_pruner(config.sweep.pruner, 1)
+    client = tracking.connect(config.tracking)
+    weights = bench.resolve_weights(config)
+    prepared = bench.prepare_data(config)
+    experiment = tracking.experiment_id(client, prepared.name, config.tracking)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in config.model.backbones:
+        spec = backbones.get(name)
+        study = open_study(config, f"{prepared.name}-{name}", worker)
+        remaining = config.sweep.trials - finished_count(study)
+        print(f"study {study.study_name} ({storage_url(config).split('@')[-1]}): "
+              f"{finished_count(study)} finished, {max(remaining, 0)} to go (worker {worker})", flush=True)
+        parent = parent_run(client, study, experiment, config, name)
+        if remaining > 0:
+            study.optimize(
+                make_objective(config, prepared, spec, weights[name], experiment, parent, study.study_name),
+                n_trials=remaining, gc_after_trial=True,
+                catch=(TrainingFailed, tf.errors.ResourceExhaustedError, MemoryError),
+                callbacks=[optuna.study.MaxTrialsCallback(config.sweep.trials, states=(
+                    optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL))],
+            )
+        summarise(client, study, parent, Path(config.tracking.results_dir) / prepared.name / "sweep", name,
+                  config.sweep.metric)
+        best = study.best_trial if study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)) else None
+        if best:
+            print(f"== {study.study_name}: best trial {best.number} val_{config.sweep.metric}={best.value:.4f} "
+                  f"{best.params}", flush=True)
+
