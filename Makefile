@@ -10,11 +10,17 @@ DATA ?=
 CONFIG ?= configs/quick.toml
 WEIGHTS ?=
 SOURCE ?= bench
+TRIALS ?=
+STORAGE ?=
+WORKERS ?= 1
 
 bench_args = $(if $(BACKBONES),--backbones $(BACKBONES)) $(if $(DATA),--data $(DATA)) \
              --config $(CONFIG) $(if $(WEIGHTS),--weights $(WEIGHTS))
 
-.PHONY: install test bench report ui check-data clean
+sweep_args = $(bench_args) $(if $(TRIALS),--trials $(TRIALS)) $(if $(STORAGE),--storage $(STORAGE)) \
+             --workers $(WORKERS)
+
+.PHONY: install test bench sweep report ui dashboard check-data clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +36,12 @@ test: install
 bench: install
 	$(PY) -m benchmark bench $(bench_args)
 
+# WORKERS=N starts N local workers on one study (needs STORAGE=postgresql://...); worker 0 opens it.
+sweep: install
+	@pids=""; for i in $$(seq 0 $$(($(WORKERS) - 1))); do \
+	  $(PY) -m benchmark sweep $(sweep_args) --worker $$i & pids="$$pids $$!"; sleep 1; done; \
+	rc=0; for p in $$pids; do wait $$p || rc=1; done; exit $$rc
+
 report: install
 	$(PY) -m benchmark report --source $(SOURCE) $(if $(DATA),--data $(DATA)) --config $(CONFIG)
 
@@ -38,6 +50,10 @@ check-data: install
 
 ui: install
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///results/mlflow.db
+
+dashboard: install
+	$(VENV)/bin/pip install -q 'optuna-dashboard>=0.15'
+	$(VENV)/bin/optuna-dashboard --host 127.0.0.1 --port 8080 $(or $(STORAGE),sqlite:///results/optuna.db)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

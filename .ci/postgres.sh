@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start a throwaway PostgreSQL server for the multi-worker sweep test (run as root, sourced by .ci/run).
-# Exports TUMORBENCH_TEST_POSTGRES; stop it with `tumorbench_pg_stop`.
+# Exports TUMORBENCH_TEST_POSTGRES and TUMORBENCH_TEST_POSTGRES_MLFLOW; stop it with `tumorbench_pg_stop`.
 set -euo pipefail
 if ! ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
@@ -13,7 +13,9 @@ su postgres -s /bin/sh -c "$PG_BIN/initdb -D $PG_DATA -A trust -U postgres" >/de
 su postgres -s /bin/sh -c "$PG_BIN/pg_ctl -D $PG_DATA -l $PG_DATA/server.log -w \
   -o '-p $PG_PORT -k /tmp -c listen_addresses=127.0.0.1' start" >/dev/null
 psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -c "CREATE USER tumorbench PASSWORD 'tumorbench'" \
-     -c "CREATE DATABASE tumorbench OWNER tumorbench"
+     -c "CREATE DATABASE tumorbench OWNER tumorbench" -c "CREATE DATABASE tumorbench_mlflow OWNER tumorbench"
+# One database for Optuna's study, one for MLflow's runs (both keep an alembic_version table).
 export TUMORBENCH_TEST_POSTGRES="postgresql://tumorbench:tumorbench@127.0.0.1:$PG_PORT/tumorbench"
+export TUMORBENCH_TEST_POSTGRES_MLFLOW="postgresql://tumorbench:tumorbench@127.0.0.1:$PG_PORT/tumorbench_mlflow"
 tumorbench_pg_stop() { su postgres -s /bin/sh -c "$PG_BIN/pg_ctl -D $PG_DATA -m fast stop" >/dev/null; rm -rf "$PG_DATA"; }
 echo "PostgreSQL test server on 127.0.0.1:$PG_PORT ($PG_BIN)"

@@ -19,11 +19,12 @@ HEADLINE = ["accuracy", "loss", "macro_f1", "roc_auc"]
 SOURCES = {"bench": "bench", "sweep": "sweep-trial"}
 
 
-def _trial_score(run) -> float:
-    """A sweep trial's score, oriented so that higher is better."""
+def _trial_rank(run) -> tuple[float, int]:
+    """Orders sweep trials best first as Optuna does: by score, ties to the earlier trial."""
     metric = run.data.tags.get("tumorbench.sweep_metric", "macro_f1")
     value = run.data.metrics.get(f"val_{metric}", np.nan)
-    return -value if metric == "loss" else value
+    score = -np.inf if np.isnan(value) else (-value if metric == "loss" else value)
+    return score, -int(run.data.tags.get("tumorbench.trial", 0))
 
 
 def select_runs(client: MlflowClient, experiment_name: str, source: str = "bench") -> list:
@@ -40,7 +41,7 @@ def select_runs(client: MlflowClient, experiment_name: str, source: str = "bench
     chosen: dict[str, object] = {}
     for run in runs:
         name = run.data.params.get("backbone")
-        if name not in chosen or (source == "sweep" and _trial_score(run) > _trial_score(chosen[name])):
+        if name not in chosen or (source == "sweep" and _trial_rank(run) > _trial_rank(chosen[name])):
             chosen[name] = run
     if not chosen:
         raise LookupError(f"experiment {experiment_name!r} has no finished {source} runs")

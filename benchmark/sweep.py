@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import os
+import time
+import warnings
 from pathlib import Path
 
 import keras
@@ -24,6 +26,7 @@ from . import bench, plots, tracking
 from .trainer import EpochScore, TrainingFailed
 
 STUDY_ATTR_PARENT = "mlflow_parent_run_id"
+JOIN_TIMEOUT_S = 600
 
 
 class ConfigurationError(ValueError):
@@ -51,7 +54,10 @@ def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
 def open_study(config, name: str, worker: int) -> optuna.Study:
     """Create or load the study; heartbeats let a restart mark trials of killed workers failed."""
     beat = config.sweep.heartbeat_seconds
-    storage = optuna.storages.RDBStorage(storage_url(config), heartbeat_interval=beat, grace_period=2 * beat)
+    url = storage_url(config)
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    storage = optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=2 * beat)
     study = optuna.create_study(
         study_name=name, storage=storage, load_if_exists=True, direction=direction(config.sweep.metric),
         sampler=optuna.samplers.TPESampler(seed=config.seed + worker),
@@ -69,7 +75,7 @@ def suggest(trial: optuna.Trial, space, spec) -> dict:
         "lr2": trial.suggest_float("lr2", *space.lr2, log=True),
         "unfreeze": trial.suggest_int("unfreeze", space.unfreeze[0], top),
         "dropout": trial.suggest_float("dropout", *space.dropout),
-        "head_units": trial.suggest_int("head_units", *space.head_units, log=True),
+        "head_units": trial.suggest_int("head_units", *space.head_units, log=space.head_units[0] >= 1),
     }
 
 
@@ -142,8 +148,22 @@ def make_objective(config, prepared, spec, weights: str, experiment: str, parent
     return objective
 
 
+def wait_for_study(config, name: str, timeout: float = JOIN_TIMEOUT_S) -> None:
+    """Workers other than 0 join a study only once worker 0 has created it and its parent run,
+    so stores are initialised and the parent opened exactly once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if STUDY_ATTR_PARENT in optuna.load_study(study_name=name, storage=storage_url(config)).user_attrs:
+                return
+        except KeyError:  # no such study yet
+            pass
+        time.sleep(2)
+    raise ConfigurationError(f"study {name!r} did not appear within {timeout:.0f} s: start worker 0 first")
+
+
 def parent_run(client: MlflowClient, study: optuna.Study, experiment: str, config, spec_name: str) -> str:
-    """The study's parent MLflow run, opened by the first worker and found by the others."""
+    """The study's parent MLflow run, opened by worker 0 and found by the others."""
     parent = study.user_attrs.get(STUDY_ATTR_PARENT)
     if parent is None:
         run = client.create_run(experiment, run_name=f"study-{study.study_name}",
@@ -201,13 +221,18 @@ def run(config, worker: int = 0, workers: int = 1) -> None:
     for name in config.model.backbones:
         backbones.get(name)
     make_pruner(config.sweep.pruner, 1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if worker > 0:
+        wait_for_study(config, f"{bench.dataset_name(config)}-{config.model.backbones[0]}")
     client = tracking.connect(config.tracking)
     weights = bench.resolve_weights(config)
     prepared = bench.prepare_data(config)
     experiment = tracking.experiment_id(client, prepared.name, config.tracking)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     for name in config.model.backbones:
         spec = backbones.get(name)
+        if worker > 0:
+            wait_for_study(config, f"{prepared.name}-{name}")
         study = open_study(config, f"{prepared.name}-{name}", worker)
         remaining = config.sweep.trials - finished_count(study)
         print(f"study {study.study_name} ({storage_url(config).split('@')[-1]}): "

@@ -58,7 +58,10 @@ def experiment_id(client: MlflowClient, name: str, tracking_config) -> str:
     location = None
     if client.tracking_uri.startswith("sqlite:///") and not tracking_config.uri:
         location = (Path(tracking_config.results_dir).resolve() / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # another worker created it a moment ago
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def provenance_tags() -> dict[str, str]:

@@ -1,0 +1,189 @@
+"""Optuna sweeps on tiny phantoms: end to end, failures, kill -9 and resume, two workers on PostgreSQL."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from backbones._registry import _REGISTRY
+from benchmark import report, sweep, tracking
+from benchmark.config import load_config
+
+TINY = [
+    "data.phantom_per_class=5", "data.phantom_size=32", "data.val_fraction=0.4", 'model.weights="none"',
+    "model.input_size=32", 'model.backbones=["vgg16"]', "train.epochs1=1", "train.epochs2=1",
+    "train.batch_size=8", "train.verbose=0", "sweep.unfreeze=[0, 2]", "sweep.head_units=[8, 32]",
+]
+STATES = optuna.trial.TrialState
+
+
+def tiny(tmp_path, *extra):
+    return [*TINY, f'tracking.results_dir="{tmp_path / "results"}"', *extra]
+
+
+def worker_command(overrides, worker=0, workers=1):
+    args = [sys.executable, "-m", "benchmark", "sweep", "--worker", str(worker), "--workers", str(workers)]
+    for override in overrides:
+        args += ["--set", override]
+    return args
+
+
+def child_runs(client, parent):
+    experiment = client.get_experiment(client.get_run(parent).info.experiment_id)
+    return client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def test_tiny_sweep_end_to_end(tmp_path):
+    config = load_config(None, tiny(tmp_path, "sweep.trials=3"))
+    sweep.run(config)
+    study = optuna.load_study(study_name="phantoms-4class-vgg16", storage=sweep.storage_url(config))
+    assert [t.number for t in study.trials] == [0, 1, 2]
+    assert all(t.state == STATES.COMPLETE for t in study.trials)
+
+    client = MlflowClient(tracking.tracking_uri(config.tracking))
+    parent = client.get_run(study.user_attrs[sweep.STUDY_ATTR_PARENT])
+    assert parent.info.status == "FINISHED" and parent.data.tags[tracking.KIND_TAG] == "sweep-study"
+    assert parent.data.metrics["best_val_macro_f1"] == pytest.approx(study.best_value)
+    assert parent.data.params["best_unfreeze"] == str(study.best_params["unfreeze"])
+    children = child_runs(client, parent.info.run_id)
+    assert sorted(int(r.data.tags["tumorbench.trial"]) for r in children) == [0, 1, 2]
+    for run in children:  # the objective is the final validation metric; reports are per epoch, one axis
+        trial = study.trials[int(run.data.tags["tumorbench.trial"])]
+        assert run.data.metrics["val_macro_f1"] == pytest.approx(trial.value)
+        assert run.data.params["lr1"] == str(trial.params["lr1"])
+        history = client.get_metric_history(run.info.run_id, "epoch_val_macro_f1")
+        assert {m.step: m.value for m in history} == pytest.approx(trial.intermediate_values)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "vgg16-optimization_history.png", "vgg16-param_importances.png", "vgg16-unfreeze_depth.png"}
+
+    table, paths = report.build(client, "phantoms-4class", config.tracking.results_dir, source="sweep")
+    assert paths["md"].parent.name == "sweep"
+    assert int(table.loc[0, "trial"]) == study.best_trial.number
+    assert table.loc[0, "macro_f1"] == pytest.approx(study.best_value)
+
+
+def test_pruning_callback_reports_each_epoch_and_prunes():
+    class FakeTrial:
+        def __init__(self):
+            self.reports = {}
+
+        def report(self, value, step):
+            self.reports[step] = value
+
+        def should_prune(self):
+            return len(self.reports) >= 2
+
+    trial = FakeTrial()
+    callback = sweep.OptunaPruning(trial, "val_macro_f1")
+    callback.on_epoch_end(0, {"val_macro_f1": 0.3})
+    with pytest.raises(optuna.TrialPruned, match="pruned at epoch 2"):
+        callback.on_epoch_end(1, {"val_macro_f1": 0.2})
+    assert trial.reports == {0: 0.3, 1: 0.2}
+
+
+def test_failed_trials_are_recorded_with_reason_and_the_study_goes_on(tmp_path):
+    (tmp_path / "nan_sweep_backbone.py").write_text(textwrap.dedent('''
+        import keras
+        from backbones import BackboneSpec, register
+
+        def build(size, weights):
+            inputs = keras.Input((size, size, 3))
+            return keras.Model(inputs, keras.layers.Conv2D(4, 3, name="nan_conv")(inputs))
+
+        @register
+        def nan_sweep():
+            return BackboneSpec(name="nan_sweep", build=build, preprocess=lambda x: x * float("nan"),
+                                preprocessing="nan", input_size=32,
+                                layer_groups=(("all", ("input", "nan_conv")),), last_conv_layer="nan_conv")
+    '''))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        config = load_config(None, tiny(tmp_path, "sweep.trials=2", 'plugins=["nan_sweep_backbone"]',
+                                        'model.backbones=["nan_sweep"]', "sweep.head_units=[0, 0]"))
+        sweep.run(config)
+    finally:
+        _REGISTRY.pop("nan_sweep", None)
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("nan_sweep_backbone", None)
+    study = optuna.load_study(study_name="phantoms-4class-nan_sweep", storage=sweep.storage_url(config))
+    assert [t.state for t in study.trials] == [STATES.FAIL, STATES.FAIL]
+    assert all("NaN" in t.user_attrs["fail_reason"] for t in study.trials)
+    client = MlflowClient(tracking.tracking_uri(config.tracking))
+    children = child_runs(client, study.user_attrs[sweep.STUDY_ATTR_PARENT])
+    assert sorted(r.info.status for r in children) == ["FAILED", "FAILED"]
+    assert all(r.data.tags["tumorbench.state"] == "FAIL" for r in children)
+
+
+def test_killed_worker_is_marked_failed_and_the_study_resumes(tmp_path):
+    overrides = tiny(tmp_path, "sweep.trials=3", "sweep.heartbeat_seconds=1", "train.epochs1=3", "train.epochs2=3")
+    config = load_config(None, overrides)
+    storage = sweep.storage_url(config)
+    worker = subprocess.Popen(worker_command(overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:  # wait for one finished trial and one running
+            time.sleep(0.5)
+            if not (tmp_path / "results" / "optuna.db").exists():
+                continue
+            try:
+                trials = optuna.load_study(study_name="phantoms-4class-vgg16", storage=storage).trials
+            except KeyError:
+                continue
+            states = [t.state for t in trials]
+            if STATES.COMPLETE in states and STATES.RUNNING in states:
+                break
+        else:
+            pytest.fail("the worker never had a finished and a running trial")
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    killed = next(t.number for t in trials if t.state == STATES.RUNNING)
+    finished_before = {t.number: (t.value, t.datetime_complete) for t in trials if t.state == STATES.COMPLETE}
+    time.sleep(2.5)  # past the heartbeat grace period
+    sweep.run(config)  # the same command again
+    study = optuna.load_study(study_name="phantoms-4class-vgg16", storage=storage)
+    assert study.trials[killed].state == STATES.FAIL
+    for number, kept in finished_before.items():
+        assert (study.trials[number].value, study.trials[number].datetime_complete) == kept
+    assert sweep.finished_count(study) >= 3
+    assert sum(t.state == STATES.COMPLETE for t in study.trials) > len(finished_before)
+
+
+def _postgres_urls():
+    optuna_url = os.environ.get("TUMORBENCH_TEST_POSTGRES")
+    mlflow_url = os.environ.get("TUMORBENCH_TEST_POSTGRES_MLFLOW")
+    if not (optuna_url and mlflow_url):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must run the PostgreSQL test: TUMORBENCH_TEST_POSTGRES(_MLFLOW) are not set "
+                        "(.ci/postgres.sh could not start a server)")
+        pytest.skip("no PostgreSQL test server (set TUMORBENCH_TEST_POSTGRES and TUMORBENCH_TEST_POSTGRES_MLFLOW)")
+    return optuna_url, mlflow_url
+
+
+def test_two_workers_share_one_postgres_study(tmp_path):
+    optuna_url, mlflow_url = _postgres_urls()
+    overrides = tiny(tmp_path, "sweep.trials=4", f'sweep.storage="{optuna_url}"', f'tracking.uri="{mlflow_url}"')
+    try:
+        optuna.delete_study(study_name="phantoms-4class-vgg16", storage=optuna_url)  # from an earlier run
+    except KeyError:
+        pass
+    workers = [subprocess.Popen(worker_command(overrides, worker=i, workers=2), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    study = optuna.load_study(study_name="phantoms-4class-vgg16", storage=optuna_url)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers)) and len(numbers) >= 4
+    assert all(t.state == STATES.COMPLETE for t in study.trials)
+    assert all(f"(worker {i})" in out for i, out in enumerate(outputs))
+    worked = [out.count("-- phantoms-4class-vgg16 trial") for out in outputs]
+    assert sum(worked) == len(numbers) and min(worked) >= 1  # both workers ran trials
+    client = MlflowClient(mlflow_url)
+    children = child_runs(client, study.user_attrs[sweep.STUDY_ATTR_PARENT])
+    assert sorted(int(r.data.tags["tumorbench.trial"]) for r in children) == sorted(numbers)
+    assert all(r.info.status == "FINISHED" for r in children)
