@@ -20,7 +20,7 @@ bench_args = $(if $(BACKBONES),--backbones $(BACKBONES)) $(if $(DATA),--data $(D
 sweep_args = $(bench_args) $(if $(TRIALS),--trials $(TRIALS)) $(if $(STORAGE),--storage $(STORAGE)) \
              --workers $(WORKERS)
 
-.PHONY: install test bench sweep report ui dashboard check-data clean
+.PHONY: install test bench sweep perf report ui dashboard check-data clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ sweep: install
 	@pids=""; for i in $$(seq 0 $$(($(WORKERS) - 1))); do \
 	  $(PY) -m benchmark sweep $(sweep_args) --worker $$i & pids="$$pids $$!"; sleep 1; done; \
 	rc=0; for p in $$pids; do wait $$p || rc=1; done; exit $$rc
+
+# A benchmark script, not a test: QUICK=1 for a small smoke run. PERF_ARGS e.g. "--weights hed".
+perf: install
+	$(PY) -m benchmark perf $(if $(QUICK),--quick) $(PERF_ARGS)
 
 report: install
 	$(PY) -m benchmark report --source $(SOURCE) $(if $(DATA),--data $(DATA)) --config $(CONFIG)

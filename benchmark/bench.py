@@ -1,6 +1,7 @@
 """`bench`: every chosen backbone through the same two-phase recipe, one MLflow run each, then the table."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -10,10 +11,11 @@ from pathlib import Path
 
 import keras
 import mlflow
+import tensorflow as tf
 
 import backbones
 
-from . import intake, metrics, pipeline, plots, report, tracking
+from . import feeds, intake, metrics, pipeline, plots, report, tracking
 from .model import build_classifier
 from .phantoms import phantom_dataset
 from .trainer import TrainingFailed, train_two_phase
@@ -89,6 +91,7 @@ def _log_params(config, prepared: Prepared, spec, size: int, weights_used: str) 
         "preprocessing": spec.preprocessing, "lr1": train.lr1, "lr2": train.lr2, "unfreeze": train.unfreeze,
         "epochs1": train.epochs1, "epochs2": train.epochs2, "batch_size": train.batch_size,
         "augmentation": _augment_summary(config.augment), "class_weights": train.class_weights,
+        "cache_views": train.cache_views,
         "seed": config.seed, "data_path": prepared.path, "data_fingerprint": dataset.fingerprint,
         "class_names": json.dumps(dataset.class_names), "class_to_index": json.dumps(dataset.class_to_index),
         "head_units": model.head_units, "dropout": model.dropout,
@@ -121,46 +124,74 @@ def _inference_ms(model, dataset, samples, spec, size, batch_size) -> float:
 
 @dataclass
 class Built:
-    """One backbone's model and input pipelines, ready to train."""
+    """One backbone's model and what feeds it, ready to train."""
 
     spec: object
     size: int
     base: keras.Model
     model: keras.Model
     weights_used: str
-    train_ds: object
-    val_ds: object
+    feed: object
+
+
+def set_precision(train_config) -> str:
+    """mixed_float16 when asked, or on `auto` when a GPU is present; float32 otherwise."""
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    mixed = train_config.mixed_precision == "on" or (train_config.mixed_precision == "auto" and gpu)
+    policy = "mixed_float16" if mixed else "float32"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
+def make_feed(config, prepared: Prepared, spec, size: int, weights_used: str):
+    """Cached frozen-layer outputs (train.cache_views > 0) or the full model streamed every epoch."""
+    dataset, parts, train = prepared.dataset, prepared.parts, config.train
+    n_classes = len(dataset.class_names)
+    train_labels = [s.label for s in parts["train"]]
+    weights = pipeline.class_weights(train_labels, n_classes) if train.class_weights else None
+    if train.cache_views <= 0:
+        train_ds = pipeline.make_dataset(dataset, parts["train"], spec.preprocess, size, train.batch_size,
+                                         training=True, augment=config.augment, weights=weights, seed=config.seed)
+        val_ds = pipeline.make_dataset(dataset, parts["val"], spec.preprocess, size, train.batch_size)
+        return feeds.Streamed(train_ds, val_ds)
+    key = {"backbone": spec.name, "size": size, "weights": weights_used, "augment": dataclasses.asdict(config.augment),
+           "fingerprint": dataset.fingerprint, "train": pipeline.samples_hash(parts["train"]),
+           "val": pipeline.samples_hash(parts["val"]), "policy": keras.mixed_precision.global_policy().name}
+    return feeds.Cached(
+        pipeline.decoded_images(dataset, parts["train"], size), pipeline.label_array(parts["train"], n_classes),
+        None if weights is None else weights[train_labels].astype("float32"),
+        pipeline.decoded_images(dataset, parts["val"], size), pipeline.label_array(parts["val"], n_classes),
+        spec.preprocess, config.augment, train.cache_views, config.seed, train.batch_size, key,
+        plan_unfreeze=train.unfreeze if train.epochs2 > 0 else 0)
 
 
 def build(config, prepared: Prepared, name: str, weights: str) -> Built:
-    """The model factory: a fresh Keras session, seeded, base + head, and the pipelines feeding it."""
+    """The model factory: a fresh Keras session, seeded, base + head, and the feed for it."""
     spec = backbones.get(name)
     size = config.model.input_size or spec.input_size
-    dataset, parts, train = prepared.dataset, prepared.parts, config.train
-    n_classes = len(dataset.class_names)
     keras.backend.clear_session()
     keras.utils.set_random_seed(config.seed)
+    set_precision(config.train)
     base, weights_used = backbones.build_base(spec, size, weights)
-    model = build_classifier(base, size, n_classes, config.model.head_units, config.model.dropout)
-    weights_table = pipeline.class_weights([s.label for s in parts["train"]], n_classes) if train.class_weights else None
-    train_ds = pipeline.make_dataset(dataset, parts["train"], spec.preprocess, size, train.batch_size, training=True,
-                                     augment=config.augment, weights=weights_table, seed=config.seed)
-    val_ds = pipeline.make_dataset(dataset, parts["val"], spec.preprocess, size, train.batch_size)
-    return Built(spec, size, base, model, weights_used, train_ds, val_ds)
+    model = build_classifier(base, size, len(prepared.dataset.class_names), config.model.head_units,
+                             config.model.dropout)
+    return Built(spec, size, base, model, weights_used, make_feed(config, prepared, spec, size, weights_used))
 
 
-def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = ()) -> dict:
+def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = (), score_key: str = "") -> dict:
     """Inside the active MLflow run: params, both phases, evaluation, figures, timings, the model.
 
-    `callbacks` run on every epoch before the MLflow epoch logger. Returns {split: metrics}.
+    `callbacks` run on every epoch before the MLflow epoch logger; `score_key` (e.g. macro_f1)
+    adds that validation metric to every epoch. Returns {split: metrics, ...}.
     """
     spec, size, model, train = built.spec, built.size, built.model, config.train
     dataset, parts = prepared.dataset, prepared.parts
     n_classes = len(dataset.class_names)
+    score = (score_key, [s.label for s in parts["val"]], dataset.class_names) if score_key else None
     _log_params(config, prepared, spec, size, built.weights_used)
     try:
-        result = train_two_phase(model, built.base, spec, built.train_ds, built.val_ds, train, n_classes,
-                                 callbacks=[*callbacks, tracking.EpochLogger()])
+        result = train_two_phase(model, built.base, spec, built.feed, train, n_classes,
+                                 callbacks=[*callbacks, tracking.EpochLogger()], score=score)
         scores = {split: _evaluate(model, dataset, parts[split], spec, size, train.batch_size, split)
                   for split in ("val", "test") if split in parts}
     except (TrainingFailed, ValueError) as err:
@@ -172,6 +203,7 @@ def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = ()
                                               f"{spec.name} ({built.weights_used})"), "training_curves.png")
     mlflow.log_metrics({
         "train_seconds": result.seconds,
+        **{f"phase{phase}_seconds": seconds for phase, seconds in result.phase_seconds.items()},
         "trainable_params": float(result.trainable_params),
         "total_params": float(model.count_params()),
         "inference_ms_per_image": _inference_ms(model, dataset, parts["val"], spec, size, train.batch_size),

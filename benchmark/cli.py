@@ -58,6 +58,17 @@ def _sweep(args) -> int:
     return 0
 
 
+def _perf(args) -> int:
+    from . import perf
+
+    text = perf.run(quick=args.quick, data=args.data or "", weights=args.weights, trials=args.trials)
+    print("\n" + text)
+    if not args.quick:
+        Path(args.out).write_text(text)
+        print(f"written: {args.out}")
+    return 0
+
+
 def _report(args) -> int:
     from . import bench, report, tracking
 
@@ -130,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_cmd.add_argument("--worker", type=int, default=0, help="this worker's index (seeds its sampler)")
     sweep_cmd.add_argument("--workers", type=int, default=1, help="how many workers share the study")
     sweep_cmd.set_defaults(run=_sweep)
+
+    perf_cmd = commands.add_parser("perf", help="time the cached trainer against the seeds' pipeline")
+    perf_cmd.add_argument("--quick", action="store_true", help="small phantom run for a smoke check (writes nothing)")
+    perf_cmd.add_argument("--data", help="data set (default: ../shared/datasets/brain-mri-yes-no when present)")
+    perf_cmd.add_argument("--weights", default="none", help="weights for both sides (default none)")
+    perf_cmd.add_argument("--trials", type=int, default=0, help="sweep trials to time (default 10, quick 3)")
+    perf_cmd.add_argument("--out", default="results/perf.md")
+    perf_cmd.set_defaults(run=_perf)
 
     report_cmd = commands.add_parser("report", help="rebuild the comparison table from MLflow alone")
     common(report_cmd)

@@ -60,6 +60,12 @@ class TrainConfig:
     min_lr: float = 1e-6
     class_weights: bool = True
     verbose: int = 2  # Keras progress display: 0 silent, 1 bar, 2 one line per epoch
+    # Frozen layers computed once and cached (0: stream every epoch through the whole model, as the
+    # seeds do). Epoch e trains on augmented view e mod views: fewer views are faster to build,
+    # more views come closer to fresh augmentation every epoch.
+    cache_views: int = 4
+    mixed_precision: str = "auto"  # auto (on with a GPU) | on | off
+    jit_compile: str = "auto"  # XLA: auto (Keras decides; on with a GPU) | on | off
 
 
 @dataclass

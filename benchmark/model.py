@@ -19,9 +19,9 @@ def build_classifier(base: keras.Model, input_size: int, n_classes: int, head_un
     if dropout:
         x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     if n_classes == 2:
-        outputs = keras.layers.Dense(1, activation="sigmoid", name="head_output")(x)
-    else:
-        outputs = keras.layers.Dense(n_classes, activation="softmax", name="head_output")(x)
+        outputs = keras.layers.Dense(1, activation="sigmoid", name="head_output", dtype="float32")(x)
+    else:  # float32 output keeps the loss stable under mixed precision
+        outputs = keras.layers.Dense(n_classes, activation="softmax", name="head_output", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=f"{base.name}_classifier")
 
 

@@ -1,13 +1,17 @@
-"""tf.data input: parallel decode and resize once (cached), augmentation in training only, the
-backbone's own preprocessing, batching and prefetch. Knows only the intake."""
+"""tf.data input: decode and resize once per input size into a cached uint8 array, stream batches
+from it, augment in training only, apply the backbone's own preprocessing, prefetch."""
 from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import keras
 import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from . import intake
+from . import cache, intake
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -48,24 +52,49 @@ def label_array(samples: list[intake.Sample], n_classes: int) -> np.ndarray:
     return labels.astype("float32")[:, None] if n_classes == 2 else labels.astype("int32")
 
 
+def samples_hash(samples: list[intake.Sample]) -> str:
+    return hashlib.sha256("\n".join(f"{s.source}\t{s.label}" for s in samples).encode()).hexdigest()[:16]
+
+
+def decoded_images(dataset: intake.Dataset, samples: list[intake.Sample], size: int) -> np.ndarray:
+    """(N, size, size, 3) uint8, decoded in parallel once and kept memory-mapped in the cache."""
+    key = {"fingerprint": dataset.fingerprint, "size": size, "samples": samples_hash(samples)}
+
+    def fill(out):
+        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+            for i, pixels in enumerate(pool.map(lambda s: resize(dataset.read(s), size), samples)):
+                out[i] = pixels
+
+    return cache.cached_array("decoded", key, (len(samples), size, size, 3), np.uint8, fill)
+
+
+def view_batches(images: np.ndarray, augment, views: int, seed: int, batch_size: int):
+    """(view, start, float32 batch) for `views` augmented passes over `images`, the same every time.
+
+    View v uses augmentation seeded with seed + v; with augmentation off there is one plain view.
+    """
+    for view in range(views):
+        layers = augmenter(augment, seed + 7919 * view) if augment is not None else None
+        for start in range(0, len(images), batch_size):
+            batch = tf.convert_to_tensor(np.asarray(images[start:start + batch_size]), tf.float32)
+            yield view, start, (layers(batch, training=True) if layers is not None else batch)
+
+
 def make_dataset(dataset: intake.Dataset, samples: list[intake.Sample], preprocess, size: int, batch_size: int,
                  *, training: bool = False, augment=None, weights: np.ndarray | None = None,
                  seed: int = 0) -> tf.data.Dataset:
     """Batches of (preprocessed images, labels[, sample weights]); training shuffles and augments."""
-    n_classes = len(dataset.class_names)
+    images = decoded_images(dataset, samples, size)
+    labels = tf.constant(label_array(samples, len(dataset.class_names)))
 
-    def load(index):
-        return resize(dataset.read(samples[int(index)]), size)
+    def gather(indices):
+        pixels = tf.numpy_function(lambda i: images[np.asarray(i)], [indices], tf.uint8, stateful=False)
+        return tf.ensure_shape(pixels, (None, size, size, 3)), tf.gather(labels, indices)
 
-    def decoded(index, label):
-        pixels = tf.numpy_function(load, [index], tf.uint8, stateful=False)
-        return tf.ensure_shape(pixels, (size, size, 3)), label
-
-    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(samples)), label_array(samples, n_classes)))
-    ds = ds.map(decoded, num_parallel_calls=AUTOTUNE, deterministic=True).cache()
+    ds = tf.data.Dataset.range(len(samples))
     if training:
         ds = ds.shuffle(len(samples), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
+    ds = ds.batch(batch_size).map(gather, num_parallel_calls=AUTOTUNE, deterministic=True)
     augmentation = augmenter(augment, seed) if (training and augment is not None) else None
     weight_table = None if weights is None else tf.constant(weights, tf.float32)
 

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 import backbones
 
 from . import bench, plots, tracking
-from .trainer import EpochScore, TrainingFailed
+from .trainer import TrainingFailed
 
 STUDY_ATTR_PARENT = "mlflow_parent_run_id"
 JOIN_TIMEOUT_S = 600
@@ -111,7 +111,6 @@ def rss_mb() -> float:
 
 def make_objective(config, prepared, spec, weights: str, experiment: str, parent_id: str, study_name: str):
     metric = config.sweep.metric
-    labels = [s.label for s in prepared.parts["val"]]
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, config.sweep, spec)
@@ -121,10 +120,9 @@ def make_objective(config, prepared, spec, weights: str, experiment: str, parent
                 "tumorbench.trial": str(trial.number), "tumorbench.sweep_metric": metric,
                 **tracking.provenance_tags()}
         with mlflow.start_run(experiment_id=experiment, run_name=f"{spec.name}-trial-{trial.number}", tags=tags):
-            callbacks = [EpochScore(built.val_ds, labels, prepared.dataset.class_names, metric),
-                         OptunaPruning(trial, f"val_{metric}")]
             try:
-                outcome = bench.train_and_log(tconfig, prepared, built, callbacks=callbacks)
+                outcome = bench.train_and_log(tconfig, prepared, built, callbacks=[OptunaPruning(trial, f"val_{metric}")],
+                                              score_key=metric)
             except optuna.TrialPruned as pruned:
                 mlflow.set_tags({"tumorbench.state": "PRUNED", "pruned": str(pruned)})
                 mlflow.log_metric("rss_mb", rss_mb())

@@ -40,26 +40,28 @@ class FailOnNaN(keras.callbacks.Callback):
 
 
 class EpochScore(keras.callbacks.Callback):
-    """Adds `val_<key>` (e.g. val_macro_f1) to each epoch's logs, computed on the validation set,
-    so later callbacks (MLflow, Optuna pruning) see the metric the study optimises."""
+    """Adds `val_<key>` (e.g. val_macro_f1) to each epoch's logs, computed on the validation data,
+    so later callbacks (MLflow, Optuna pruning) see the metric a study optimises."""
 
-    def __init__(self, val_ds, labels, class_names, key: str):
+    def __init__(self, val_inputs, labels, class_names, key: str):
         super().__init__()
-        self.val_ds, self.labels, self.class_names, self.key = val_ds, labels, class_names, key
+        self.val_inputs, self.labels, self.class_names, self.key = val_inputs, labels, class_names, key
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is None or f"val_{self.key}" in logs:
+        if logs is None:
             return
-        probabilities = self.model.predict(self.val_ds, verbose=0)
+        probabilities = self.model.predict(self.val_inputs, verbose=0)
         if np.isfinite(probabilities).all():
             logs[f"val_{self.key}"] = metrics.compute(self.labels, probabilities, self.class_names)[self.key]
 
 
 class KeepBest(keras.callbacks.Callback):
-    """Keeps the weights with the lowest validation loss seen in either phase."""
+    """Keeps the whole classifier's weights with the lowest validation loss seen in either phase
+    (the model being fitted may be only its trainable part)."""
 
-    def __init__(self):
+    def __init__(self, classifier):
         super().__init__()
+        self.classifier = classifier
         self.best = math.inf
         self.best_epoch = -1
         self.weights = None
@@ -68,11 +70,11 @@ class KeepBest(keras.callbacks.Callback):
         val_loss = (logs or {}).get("val_loss")
         if val_loss is not None and val_loss < self.best:
             self.best, self.best_epoch = float(val_loss), epoch
-            self.weights = self.model.get_weights()
+            self.weights = self.classifier.get_weights()
 
-    def restore(self, model):
+    def restore(self):
         if self.weights is not None:
-            model.set_weights(self.weights)
+            self.classifier.set_weights(self.weights)
 
 
 @dataclass
@@ -83,26 +85,31 @@ class TrainResult:
     unfrozen: list[str] = field(default_factory=list)
     trainable_params: int = 0
     seconds: float = 0.0
+    phase_seconds: dict = field(default_factory=dict)  # {1: s, 2: s}, cache building included
 
 
-def compile_model(model: keras.Model, n_classes: int, learning_rate: float) -> None:
+def compile_model(model: keras.Model, n_classes: int, learning_rate: float, jit_compile="auto") -> None:
     if n_classes == 2:
         loss, accuracy = "binary_crossentropy", keras.metrics.BinaryAccuracy(name="accuracy")
     else:
         loss, accuracy = "sparse_categorical_crossentropy", keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=[accuracy])
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=[accuracy],
+                  jit_compile={"on": True, "off": False, "auto": "auto"}[jit_compile])
 
 
-def train_two_phase(model, base, spec, train_ds, val_ds, train_config, n_classes: int,
-                    callbacks: list = ()) -> TrainResult:
-    """Run both phases on `model` (whose base is `base`); `callbacks` see every epoch of both."""
+def train_two_phase(model, base, spec, feed, train_config, n_classes: int, callbacks: list = (),
+                    score: tuple | None = None) -> TrainResult:
+    """Run both phases on `model` (whose base is `base`), fed by `feed` (feeds.Streamed or
+    feeds.Cached). `callbacks` see every epoch of both; `score` = (key, labels, class_names)
+    adds val_<key> to each epoch's logs before them."""
     cfg = train_config
     result = TrainResult()
-    keep_best, nan_guard = KeepBest(), FailOnNaN()
+    keep_best, nan_guard = KeepBest(model), FailOnNaN()
     started = time.perf_counter()
     epoch = 0
     phases = [(1, 0, cfg.lr1, cfg.epochs1), (2, cfg.unfreeze, cfg.lr2, cfg.epochs2)]
     for phase, unfreeze, learning_rate, epochs in phases:
+        phase_started = time.perf_counter()
         if phase == 2:
             if epochs <= 0 or unfreeze <= 0:
                 break
@@ -110,21 +117,28 @@ def train_two_phase(model, base, spec, train_ds, val_ds, train_config, n_classes
         unfrozen = set_trainable(base, spec, unfreeze)
         if phase == 2:
             result.unfrozen = unfrozen
-        compile_model(model, n_classes, learning_rate)
-        result.trainable_params = sum(int(w.numpy().size) for w in model.trainable_weights)
-        history = model.fit(
-            train_ds,
-            validation_data=val_ds,
+        fit_model, train_data, val_data = feed.phase(model, base, spec, unfreeze)
+        compile_model(fit_model, n_classes, learning_rate, cfg.jit_compile)
+        result.trainable_params = sum(int(np.prod(w.shape)) for w in fit_model.trainable_weights)
+        scoring = []
+        if score:
+            key, labels, class_names = score
+            val_inputs = val_data[0] if isinstance(val_data, tuple) else val_data
+            scoring.append(EpochScore(val_inputs, labels, class_names, key))
+        history = fit_model.fit(
+            train_data,
+            validation_data=val_data,
             initial_epoch=epoch,
             epochs=epoch + epochs,
             verbose=cfg.verbose,
-            shuffle=False,  # the tf.data pipeline shuffles
+            shuffle=False,  # the feeds shuffle
             callbacks=[
                 nan_guard,
                 keep_best,
                 keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience),
                 keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=cfg.lr_factor,
                                                   patience=cfg.lr_patience, min_lr=cfg.min_lr),
+                *scoring,
                 *callbacks,
             ],
         )
@@ -136,7 +150,8 @@ def train_two_phase(model, base, spec, train_ds, val_ds, train_config, n_classes
             logs = {k: float(v[history.epoch.index(number)]) for k, v in history.history.items()}
             result.epochs.append({"epoch": number, "phase": phase, **logs})
         epoch = (history.epoch[-1] + 1) if history.epoch else epoch
-        keep_best.restore(model)
+        keep_best.restore()
+        result.phase_seconds[phase] = time.perf_counter() - phase_started
     result.best_epoch = keep_best.best_epoch
     result.seconds = time.perf_counter() - started
     return result

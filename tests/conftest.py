@@ -36,3 +36,9 @@ def image_folder(root: Path, classes=("no", "yes"), per_class: int = 4, size=(24
         for i in range(per_class):
             write_image(root / name / f"img {i}.png", "L", size, seed=c * 100 + i)
     return root
+
+
+def clean_env() -> dict:
+    """The environment for a spawned tumorbench process: without the MLFLOW_TRACKING_URI that
+    mlflow.set_tracking_uri() wrote into this test process."""
+    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}

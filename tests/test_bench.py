@@ -18,6 +18,7 @@ from benchmark import bench, intake, pipeline, tracking
 from benchmark.config import load_config
 from benchmark.model import build_classifier
 from benchmark.trainer import TrainingFailed, train_two_phase
+from conftest import clean_env
 
 TINY = [
     "data.phantom_per_class=5", "data.phantom_size=32", "data.val_fraction=0.4",
@@ -92,7 +93,7 @@ def test_report_rebuilds_the_same_table_from_mlflow_alone(benched, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "benchmark", "report", "--set", f'tracking.results_dir="{config.tracking.results_dir}"',
          "--set", "data.phantom_per_class=5", "--set", "data.phantom_size=32"],
-        capture_output=True, text=True)
+        capture_output=True, text=True, env=clean_env())
     assert result.returncode == 0, result.stderr
     assert paths["csv"].read_text() == before
     assert len(pd.read_csv(paths["csv"])) == len(backbones.names())
@@ -125,19 +126,21 @@ class _Snapshots(keras.callbacks.Callback):
             self.end = self._weights()
 
 
+@pytest.mark.parametrize("views", [0, 2], ids=["streamed", "cached"])
 @pytest.mark.parametrize("name", backbones.names())
-def test_phase_two_changes_only_the_unfrozen_groups(name, tmp_path):
+def test_phase_two_changes_only_the_unfrozen_groups(name, views, tmp_path):
     spec = backbones.get(name)
     dataset, parts = _tiny_parts(tmp_path)
+    prepared = bench.Prepared(dataset, parts, "tiny", "tiny")
     config = load_config(None, ["train.epochs1=1", "train.epochs2=2", "train.lr2=1e-2", "train.unfreeze=1",
-                                "train.verbose=0", "train.patience=5"])
+                                "train.verbose=0", "train.patience=5", "train.batch_size=4",
+                                f"train.cache_views={views}"])
     keras.utils.set_random_seed(0)
     base, _ = backbones.build_base(spec, 32, "none")
     model = build_classifier(base, 32, 2, 8, 0.0)
-    train_ds = pipeline.make_dataset(dataset, parts["train"], spec.preprocess, 32, 4, training=True)
-    val_ds = pipeline.make_dataset(dataset, parts["val"], spec.preprocess, 32, 4)
     snapshots = _Snapshots(base)
-    result = train_two_phase(model, base, spec, train_ds, val_ds, config.train, 2, callbacks=[snapshots])
+    feed = bench.make_feed(config, prepared, spec, 32, "none")
+    result = train_two_phase(model, base, spec, feed, config.train, 2, callbacks=[snapshots])
     assert result.unfrozen == spec.group_names[-1:]
     assert result.phase2_start == 1 and [e["phase"] for e in result.epochs] == [1, 2, 2]
     changed_top = False

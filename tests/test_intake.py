@@ -12,7 +12,7 @@ from PIL import Image
 
 from benchmark import intake
 from benchmark.intake import DataError, load_dataset
-from conftest import SHARED, image_folder, write_image
+from conftest import SHARED, clean_env, image_folder, write_image
 
 
 def tree_digest(root: Path) -> str:
@@ -178,7 +178,7 @@ def test_npz_errors_name_the_file(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "benchmark", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "benchmark", *args], capture_output=True, text=True, env=clean_env())
 
 
 def test_check_data_exit_codes(with_bad_files):

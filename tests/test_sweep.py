@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from backbones._registry import _REGISTRY
 from benchmark import report, sweep, tracking
 from benchmark.config import load_config
+from conftest import clean_env
 
 TINY = [
     "data.phantom_per_class=5", "data.phantom_size=32", "data.val_fraction=0.4", 'model.weights="none"',
@@ -123,7 +124,8 @@ def test_killed_worker_is_marked_failed_and_the_study_resumes(tmp_path):
     overrides = tiny(tmp_path, "sweep.trials=3", "sweep.heartbeat_seconds=1", "train.epochs1=3", "train.epochs2=3")
     config = load_config(None, overrides)
     storage = sweep.storage_url(config)
-    worker = subprocess.Popen(worker_command(overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(worker_command(overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=clean_env())
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline:  # wait for one finished trial and one running
@@ -173,7 +175,7 @@ def test_two_workers_share_one_postgres_study(tmp_path):
     except KeyError:
         pass
     workers = [subprocess.Popen(worker_command(overrides, worker=i, workers=2), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for i in range(2)]
+                                stderr=subprocess.STDOUT, text=True, env=clean_env()) for i in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     study = optuna.load_study(study_name="phantoms-4class-vgg16", storage=optuna_url)
