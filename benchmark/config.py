@@ -82,6 +82,9 @@ class SweepConfig:
     pruner: str = "median"  # median | hyperband | none
     storage: str = ""  # empty: sqlite:///<results_dir>/optuna.db; postgresql://... for many workers
     heartbeat_seconds: int = 30  # a RUNNING trial silent for 2x this is marked failed
+    # Each trial in a fresh child process: TF/Keras keep ~100-200 MB per fitted model even after
+    # clear_session() (keras-team/keras#17458), so a long in-process study would grow without bound.
+    process_per_trial: bool = True
     lr1: list[float] = field(default_factory=lambda: [1e-5, 1e-2])  # log-uniform range
     lr2: list[float] = field(default_factory=lambda: [1e-6, 1e-3])  # log-uniform range
     unfreeze: list[int] = field(default_factory=lambda: [0, -1])  # groups; -1: all of the backbone's

@@ -8,7 +8,10 @@ workers, which then coordinate through the database alone.
 from __future__ import annotations
 
 import copy
+import ctypes
+import multiprocessing
 import os
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -228,7 +231,6 @@ def run(config, worker: int = 0, workers: int = 1) -> None:
     prepared = bench.prepare_data(config)
     experiment = tracking.experiment_id(client, prepared.name, config.tracking)
     for name in config.model.backbones:
-        spec = backbones.get(name)
         if worker > 0:
             wait_for_study(config, f"{prepared.name}-{name}")
         study = open_study(config, f"{prepared.name}-{name}", worker)
@@ -236,14 +238,17 @@ def run(config, worker: int = 0, workers: int = 1) -> None:
         print(f"study {study.study_name} ({storage_url(config).split('@')[-1]}): "
               f"{finished_count(study)} finished, {max(remaining, 0)} to go (worker {worker})", flush=True)
         parent = parent_run(client, study, experiment, config, name)
-        if remaining > 0:
-            study.optimize(
-                make_objective(config, prepared, spec, weights[name], experiment, parent, study.study_name),
-                n_trials=remaining, gc_after_trial=True,
-                catch=(TrainingFailed, tf.errors.ResourceExhaustedError, MemoryError),
-                callbacks=[optuna.study.MaxTrialsCallback(config.sweep.trials, states=(
-                    optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL))],
-            )
+        if config.sweep.process_per_trial:
+            context = multiprocessing.get_context("spawn")
+            while finished_count(study) < config.sweep.trials:
+                seed = worker * 100_003 + len(study.get_trials(deepcopy=False))  # distinct and repeatable
+                child = context.Process(target=_trial_in_child, args=(config, name, seed, parent, experiment))
+                child.start()
+                child.join()
+                if child.exitcode != 0:
+                    raise RuntimeError(f"trial process for {study.study_name} died with exit code {child.exitcode}")
+        elif remaining > 0:
+            optimize(config, prepared, study, name, weights[name], experiment, parent, remaining)
         summarise(client, study, parent, Path(config.tracking.results_dir) / prepared.name / "sweep", name,
                   config.sweep.metric)
         best = study.best_trial if study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)) else None
@@ -251,3 +256,26 @@ def run(config, worker: int = 0, workers: int = 1) -> None:
             print(f"== {study.study_name}: best trial {best.number} val_{config.sweep.metric}={best.value:.4f} "
                   f"{best.params}", flush=True)
 
+
+def optimize(config, prepared, study, name, weights, experiment, parent, n_trials: int) -> None:
+    """Run up to `n_trials` trials in this process; the study stops at `sweep.trials` finished ones."""
+    study.optimize(
+        make_objective(config, prepared, backbones.get(name), weights, experiment, parent, study.study_name),
+        n_trials=n_trials, gc_after_trial=True,
+        catch=(TrainingFailed, tf.errors.ResourceExhaustedError, MemoryError),
+        callbacks=[optuna.study.MaxTrialsCallback(config.sweep.trials, states=(
+            optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL))],
+    )
+
+
+def _trial_in_child(config, name: str, seed: int, parent: str, experiment: str) -> None:
+    """One trial in a fresh process, which dies with its worker (so kill -9 of a worker stops it too)."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    backbones.load_plugins(config.plugins)
+    tracking.connect(config.tracking)
+    prepared = bench.prepare_data(config)
+    study = open_study(config, f"{prepared.name}-{name}", seed)
+    optimize(config, prepared, study, name, bench.resolve_weights(config)[name], experiment, parent, 1)

@@ -45,6 +45,8 @@ def test_tiny_sweep_end_to_end(tmp_path):
     study = optuna.load_study(study_name="phantoms-4class-vgg16", storage=sweep.storage_url(config))
     assert [t.number for t in study.trials] == [0, 1, 2]
     assert all(t.state == STATES.COMPLETE for t in study.trials)
+    rss = [t.user_attrs["rss_mb"] for t in study.trials]  # one process per trial: flat, not +200 MB a trial
+    assert max(rss) - min(rss) < 150, rss
 
     client = MlflowClient(tracking.tracking_uri(config.tracking))
     parent = client.get_run(study.user_attrs[sweep.STUDY_ATTR_PARENT])
@@ -105,7 +107,8 @@ def test_failed_trials_are_recorded_with_reason_and_the_study_goes_on(tmp_path):
     sys.path.insert(0, str(tmp_path))
     try:
         config = load_config(None, tiny(tmp_path, "sweep.trials=2", 'plugins=["nan_sweep_backbone"]',
-                                        'model.backbones=["nan_sweep"]', "sweep.head_units=[0, 0]"))
+                                        'model.backbones=["nan_sweep"]', "sweep.head_units=[0, 0]",
+                                        "sweep.process_per_trial=false"))
         sweep.run(config)
     finally:
         _REGISTRY.pop("nan_sweep", None)
