@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -42,3 +43,35 @@ def clean_env() -> dict:
     """The environment for a spawned tumorbench process: without the MLFLOW_TRACKING_URI that
     mlflow.set_tracking_uri() wrote into this test process."""
     return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+
+NAN_BACKBONE = '''
+import keras
+from backbones import BackboneSpec, register
+
+def build(size, weights):
+    inputs = keras.Input((size, size, 3))
+    return keras.Model(inputs, keras.layers.Conv2D(4, 3, name="nan_conv")(inputs))
+
+@register
+def nan_net():
+    return BackboneSpec(name="nan_net", build=build, preprocess=lambda x: x * float("nan"), preprocessing="nan",
+                        input_size=32, layer_groups=(("all", ("input", "nan_conv")),), last_conv_layer="nan_conv")
+'''
+
+
+@pytest.fixture
+def nan_plugin(tmp_path, monkeypatch):
+    """Config overrides for a plugin backbone `nan_net` whose preprocessing turns every input into NaN.
+
+    No hidden ReLU layer in the head: relu(NaN) is 0 on some CPU kernels and would hide the NaN.
+    """
+    from backbones._registry import _REGISTRY
+
+    folder = tmp_path / "plugin"
+    folder.mkdir()
+    (folder / "nan_backbone.py").write_text(NAN_BACKBONE)
+    monkeypatch.syspath_prepend(str(folder))
+    yield ['plugins=["nan_backbone"]', 'model.backbones=["nan_net"]', "model.head_units=0"]
+    _REGISTRY.pop("nan_net", None)
+    sys.modules.pop("nan_backbone", None)

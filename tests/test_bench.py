@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-import textwrap
 
 import keras
 import mlflow
@@ -13,7 +12,6 @@ from mlflow.tracking import MlflowClient
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, roc_auc_score
 
 import backbones
-from backbones._registry import _REGISTRY
 from benchmark import bench, intake, pipeline, tracking
 from benchmark.config import load_config
 from benchmark.model import build_classifier
@@ -156,31 +154,10 @@ def test_phase_two_changes_only_the_unfrozen_groups(name, views, tmp_path):
     assert changed_top, "no weight of the unfrozen group changed in phase 2"
 
 
-def test_nan_loss_fails_the_run_loudly(tmp_path):
-    (tmp_path / "nan_backbone.py").write_text(textwrap.dedent('''
-        import keras, tensorflow as tf
-        from backbones import BackboneSpec, register
-
-        def build(size, weights):
-            inputs = keras.Input((size, size, 3))
-            return keras.Model(inputs, keras.layers.Conv2D(4, 3, name="nan_conv")(inputs))
-
-        @register
-        def nan_net():
-            return BackboneSpec(name="nan_net", build=build, preprocess=lambda x: x * float("nan"),
-                                preprocessing="nan", input_size=32,
-                                layer_groups=(("all", ("input", "nan_conv")),), last_conv_layer="nan_conv")
-    '''))
-    sys.path.insert(0, str(tmp_path))
-    try:
-        # no hidden ReLU layer: relu(NaN) is 0 on some CPU kernels and would hide the NaN from the loss
-        config = tiny_config(tmp_path, 'plugins=["nan_backbone"]', 'model.backbones=["nan_net"]', "model.head_units=0")
-        with pytest.raises(TrainingFailed, match="nan_net: the loss became NaN/inf in phase 1 at epoch 1"):
-            bench.run(config)
-    finally:
-        _REGISTRY.pop("nan_net", None)
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("nan_backbone", None)
+def test_nan_loss_fails_the_run_loudly(tmp_path, nan_plugin):
+    config = tiny_config(tmp_path, *nan_plugin)
+    with pytest.raises(TrainingFailed, match="nan_net: the loss became NaN/inf in phase 1 at epoch 1"):
+        bench.run(config)
     client = MlflowClient(tracking.tracking_uri(config.tracking))
     (run,) = client.search_runs([client.get_experiment_by_name("phantoms-4class").experiment_id])
     assert run.info.status == "FAILED" and "NaN" in run.data.tags["failure"]

@@ -3,14 +3,12 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from backbones._registry import _REGISTRY
 from benchmark import report, sweep, tracking
 from benchmark.config import load_config
 from conftest import clean_env
@@ -89,32 +87,11 @@ def test_pruning_callback_reports_each_epoch_and_prunes():
     assert trial.reports == {0: 0.3, 1: 0.2}
 
 
-def test_failed_trials_are_recorded_with_reason_and_the_study_goes_on(tmp_path):
-    (tmp_path / "nan_sweep_backbone.py").write_text(textwrap.dedent('''
-        import keras
-        from backbones import BackboneSpec, register
-
-        def build(size, weights):
-            inputs = keras.Input((size, size, 3))
-            return keras.Model(inputs, keras.layers.Conv2D(4, 3, name="nan_conv")(inputs))
-
-        @register
-        def nan_sweep():
-            return BackboneSpec(name="nan_sweep", build=build, preprocess=lambda x: x * float("nan"),
-                                preprocessing="nan", input_size=32,
-                                layer_groups=(("all", ("input", "nan_conv")),), last_conv_layer="nan_conv")
-    '''))
-    sys.path.insert(0, str(tmp_path))
-    try:
-        config = load_config(None, tiny(tmp_path, "sweep.trials=2", 'plugins=["nan_sweep_backbone"]',
-                                        'model.backbones=["nan_sweep"]', "sweep.head_units=[0, 0]",
-                                        "sweep.process_per_trial=false"))
-        sweep.run(config)
-    finally:
-        _REGISTRY.pop("nan_sweep", None)
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("nan_sweep_backbone", None)
-    study = optuna.load_study(study_name="phantoms-4class-nan_sweep", storage=sweep.storage_url(config))
+def test_failed_trials_are_recorded_with_reason_and_the_study_goes_on(tmp_path, nan_plugin):
+    config = load_config(None, tiny(tmp_path, "sweep.trials=2", "sweep.head_units=[0, 0]",
+                                    "sweep.process_per_trial=false", *nan_plugin))
+    sweep.run(config)
+    study = optuna.load_study(study_name="phantoms-4class-nan_net", storage=sweep.storage_url(config))
     assert [t.state for t in study.trials] == [STATES.FAIL, STATES.FAIL]
     assert all("NaN" in t.user_attrs["fail_reason"] for t in study.trials)
     client = MlflowClient(tracking.tracking_uri(config.tracking))
