@@ -43,8 +43,10 @@ def test_tiny_sweep_end_to_end(tmp_path):
     study = optuna.load_study(study_name="phantoms-4class-vgg16", storage=sweep.storage_url(config))
     assert [t.number for t in study.trials] == [0, 1, 2]
     assert all(t.state == STATES.COMPLETE for t in study.trials)
-    rss = [t.user_attrs["rss_mb"] for t in study.trials]  # one process per trial: flat, not +200 MB a trial
-    assert max(rss) - min(rss) < 150, rss
+    # one process per trial: no growth (in one process it grew about 200 MB a trial); the level
+    # itself varies by a trial's parameters
+    rss = [t.user_attrs["rss_mb"] for t in study.trials]
+    assert rss[-1] - rss[0] < 150, rss
 
     client = MlflowClient(tracking.tracking_uri(config.tracking))
     parent = client.get_run(study.user_attrs[sweep.STUDY_ATTR_PARENT])
