@@ -11,11 +11,12 @@ from pathlib import Path
 
 import keras
 import mlflow
+import numpy as np
 import tensorflow as tf
 
 import backbones
 
-from . import feeds, intake, metrics, pipeline, plots, report, tracking
+from . import feeds, gradcam, intake, metrics, modelfile, pipeline, plots, report, tracking
 from .model import build_classifier
 from .phantoms import phantom_dataset
 from .trainer import TrainingFailed, train_two_phase
@@ -111,6 +112,20 @@ def _evaluate(model, dataset, samples, spec, size, batch_size, split_name: str) 
     mlflow.log_text(metrics.report_text(result, dataset.class_names), f"classification_report_{split_name}.txt")
     tracking.log_json(result, f"metrics_{split_name}.json")
     return result
+
+
+def _log_gradcam_examples(model, spec, dataset, samples, size: int, predicted, per_kind: int = 4) -> None:
+    """A grid of validation images with Grad-CAM overlays: some classified right, some wrong."""
+    truth = [s.label for s in samples]
+    right = [i for i, (t, p) in enumerate(zip(truth, predicted)) if t == p][:per_kind]
+    wrong = [i for i, (t, p) in enumerate(zip(truth, predicted)) if t != p][:per_kind]
+    chosen = right + wrong
+    images = np.asarray(pipeline.decoded_images(dataset, samples, size))[chosen]
+    maps = gradcam.heatmaps(model, spec, spec.preprocess(images.astype("float32")))
+    names = dataset.class_names
+    titles = [f"{'ok' if i in right else 'WRONG'}: {names[truth[i]]}\npredicted {names[predicted[i]]}" for i in chosen]
+    tracking.log_figure(plots.gradcam_grid(images, [gradcam.overlay(im, m) for im, m in zip(images, maps)], titles,
+                                           f"{spec.name}: Grad-CAM on validation images"), "gradcam_examples.png")
 
 
 def _inference_ms(model, dataset, samples, spec, size, batch_size) -> float:
@@ -209,14 +224,13 @@ def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = ()
         "inference_ms_per_image": _inference_ms(model, dataset, parts["val"], spec, size, train.batch_size),
         "n_val": float(len(parts["val"])),
     })
+    _log_gradcam_examples(model, spec, dataset, parts["val"], size, scores["val"]["predicted"])
     if config.tracking.log_model:
+        description = modelfile.describe(spec, dataset.class_names, size, built.weights_used, dataset.fingerprint,
+                                         config.plugins)
         with tempfile.TemporaryDirectory() as workdir:
-            model_path = Path(workdir) / "model.keras"
-            model.save(model_path)
-            mlflow.log_artifact(str(model_path), "model")
-        tracking.log_json({"backbone": spec.name, "class_names": dataset.class_names, "input_size": size,
-                           "preprocessing": spec.preprocessing, "weights": built.weights_used,
-                           "data_fingerprint": dataset.fingerprint}, "model/metadata.json")
+            mlflow.log_artifact(str(modelfile.save(model, Path(workdir) / "model.keras", description)), "model")
+        tracking.log_json(description, "model/metadata.json")
     return {**scores, "epochs": len(result.epochs), "seconds": result.seconds}
 
 

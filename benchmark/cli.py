@@ -59,6 +59,31 @@ def _sweep(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    from . import modelfile, predict, tracking
+
+    try:
+        config = load_config(args.config, list(args.set or []))
+        model_path = predict.resolve_model(args.model, config.tracking)
+        rows = predict.run(model_path, args.paths, args.batch_size, args.tta, args.threshold,
+                           Path(args.explain) if args.explain else None)
+    except (*USER_ERRORS, modelfile.ModelFileError, tracking.TrackingUnavailable, LookupError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if args.out:
+        predict.write(rows, Path(args.out))
+        print(f"written: {args.out} ({len(rows)} rows)")
+    else:
+        for row in rows:
+            probs = " ".join(f"{k.removeprefix('prob_')}={v:.4f}" for k, v in row.items()
+                             if k.startswith("prob_") and v != "")
+            print(f"{row['path']}\t{row['predicted'] or 'ERROR'}\t{probs or row['error']}")
+    errors = [row for row in rows if row["error"]]
+    for row in errors:
+        print(f"error: {row['path']}: {row['error']}", file=sys.stderr)
+    return 2 if errors else 0
+
+
 def _perf(args) -> int:
     from . import perf
 
@@ -142,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_cmd.add_argument("--worker", type=int, default=0, help="this worker's index (seeds its sampler)")
     sweep_cmd.add_argument("--workers", type=int, default=1, help="how many workers share the study")
     sweep_cmd.set_defaults(run=_sweep)
+
+    predict_cmd = commands.add_parser("predict", help="classify images with a trained model")
+    predict_cmd.add_argument("model", help="a .keras file from bench, an MLflow run id, or best:<data set>")
+    predict_cmd.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
+    predict_cmd.add_argument("--out", help="write rows to a .csv or .json file")
+    predict_cmd.add_argument("--tta", action="store_true", help="average over flips and small shifts")
+    predict_cmd.add_argument("--threshold", type=float, help="2-class models: probability of the second class "
+                             "needed to predict it (default: the model's own, else 0.5)")
+    predict_cmd.add_argument("--explain", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
+    predict_cmd.add_argument("--batch-size", type=int, default=32)
+    predict_cmd.add_argument("--config", help="TOML config (for the MLflow tracking store)")
+    predict_cmd.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    predict_cmd.set_defaults(run=_predict)
 
     perf_cmd = commands.add_parser("perf", help="time the cached trainer against the seeds' pipeline")
     perf_cmd.add_argument("--quick", action="store_true", help="small phantom run for a smoke check (writes nothing)")

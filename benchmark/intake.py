@@ -139,7 +139,7 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name))
 
 
-def _walk_files(folder: Path) -> list[Path]:
+def walk_files(folder: Path) -> list[Path]:
     """Every non-hidden file below `folder`, following links but never looping."""
     seen: set[str] = set()
     found: list[Path] = []
@@ -155,7 +155,7 @@ def _walk_files(folder: Path) -> list[Path]:
 
 
 def _has_images(folder: Path) -> bool:
-    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in _walk_files(folder))
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in walk_files(folder))
 
 
 def _split_folders(folder: Path) -> dict[str, Path]:
@@ -251,7 +251,7 @@ def _read_folders(root: Path, splits: dict[str, Path], configured: list[str], sk
     ignored: list[str] = []
     for split, folder in split_roots.items():
         for name in class_names:
-            files = _walk_files(folder / name)
+            files = walk_files(folder / name)
             images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
             ignored += [str(f.relative_to(root)) for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
             if not images:

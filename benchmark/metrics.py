@@ -32,6 +32,7 @@ def compute(y_true, probabilities, class_names: list[str]) -> dict:
         "macro_f1": float(skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
         "weighted_f1": float(skm.f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
         "confusion_matrix": skm.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "predicted": y_pred.tolist(),
         "roc_auc": _roc_auc(y_true, probabilities, labels),
         "per_class": {
             name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),

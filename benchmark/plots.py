@@ -67,3 +67,17 @@ def score_by_unfreeze(trials, score_label: str, title: str):
     ax.set_title(f"{title}: score by unfreeze depth")
     ax.legend(fontsize=8)
     return fig
+
+
+def gradcam_grid(images, overlays, titles: list[str], title: str):
+    """Each example's image above its Grad-CAM overlay."""
+    fig, axes = plt.subplots(2, len(images), figsize=(2.2 * len(images), 4.8), squeeze=False)
+    for k, (image, over, caption) in enumerate(zip(images, overlays, titles)):
+        axes[0, k].imshow(image)
+        axes[1, k].imshow(over)
+        axes[0, k].set_title(caption, fontsize=8)
+        for ax in axes[:, k]:
+            ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -49,7 +49,7 @@ def test_one_finished_run_and_row_per_backbone(benched):
     for run in runs:
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.toml", "confusion_matrix_val.png", "training_curves.png", "model",
-                "classification_report_val.txt"} <= artifacts
+                "classification_report_val.txt", "gradcam_examples.png"} <= artifacts
         assert run.data.params["weights"] == "none"
         assert run.data.tags["version.keras"] == keras.__version__
         history = client.get_metric_history(run.info.run_id, "epoch_phase")
@@ -82,6 +82,21 @@ def test_logged_metrics_equal_scikit_learn_on_the_saved_model(benched):
             assert logged[f"val_support_{cls}"] == support[i]
         row = table.set_index("backbone").loc[spec.name]
         assert row["accuracy"] == pytest.approx(logged["val_accuracy"])
+
+
+def test_predict_finds_models_by_run_id_and_best(benched):
+    from benchmark import modelfile, predict
+
+    config, table, _, name = benched
+    best = table.sort_values("macro_f1", ascending=False, kind="stable").iloc[0]
+    by_best = predict.resolve_model(f"best:{name}", config.tracking)
+    assert modelfile.read_description(by_best)["backbone"] == best["backbone"]
+    for row in table.itertuples():
+        description = modelfile.read_description(predict.resolve_model(row.run_id, config.tracking))
+        assert description["backbone"] == row.backbone and description["input_size"] == 32
+        assert description["class_names"] == ["glioma", "meningioma", "notumor", "pituitary"]
+    with pytest.raises(modelfile.ModelFileError, match="neither a model file"):
+        predict.resolve_model("no-such-thing", config.tracking)
 
 
 def test_report_rebuilds_the_same_table_from_mlflow_alone(benched, tmp_path):

@@ -1,0 +1,143 @@
+"""Self-describing model files, `predict`, and Grad-CAM."""
+import csv
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+import backbones
+from backbones._registry import _REGISTRY
+from benchmark import gradcam, intake, modelfile, pipeline, predict
+from benchmark.model import build_classifier
+from conftest import clean_env, write_image
+
+SIZE = 32
+
+
+def saved_model(tmp_path, name="vgg16", classes=("no", "yes"), size=SIZE):
+    keras.utils.set_random_seed(0)
+    spec = backbones.get(name)
+    base, used = backbones.build_base(spec, size, "none")
+    model = build_classifier(base, size, len(classes), 8, 0.0)
+    path = modelfile.save(model, tmp_path / f"{name}.keras",
+                          modelfile.describe(spec, classes, size, used, "fp123", threshold=None))
+    return model, path
+
+
+def test_description_round_trips_and_predictions_equal_the_in_memory_model(tmp_path):
+    model, path = saved_model(tmp_path)
+    loaded, description = modelfile.load(path)
+    assert description["backbone"] == "vgg16" and description["class_names"] == ["no", "yes"]
+    assert description["input_size"] == SIZE and description["preprocessing"] == "caffe"
+    assert description["weights"] == "none" and description["data_fingerprint"] == "fp123"
+    files = [write_image(tmp_path / "in" / f"{i}.png", "RGB", (40, 30), seed=i) for i in range(5)]
+    rows = predict.run(path, [str(tmp_path / "in")], batch_size=2)
+    assert [r["path"] for r in rows] == [str(f) for f in files]
+    pixels = np.stack([pipeline.resize(intake.load_rgb(f), SIZE) for f in files]).astype("float32")
+    expected = model.predict(backbones.get("vgg16").preprocess(pixels), verbose=0)[:, 0]
+    np.testing.assert_allclose([r["prob_yes"] for r in rows], expected, rtol=1e-5, atol=1e-6)
+    assert [r["predicted"] for r in rows] == [["no", "yes"][int(p >= 0.5)] for p in expected]
+    thresholded = predict.run(path, [str(f) for f in files], threshold=float(np.median(expected)))
+    assert sum(r["predicted"] == "yes" for r in thresholded) == int((expected >= np.median(expected)).sum())
+
+
+def test_mixed_folder_gives_rows_and_per_file_errors(tmp_path):
+    _, path = saved_model(tmp_path)
+    folder = tmp_path / "scans"
+    write_image(folder / "gray.png", "L")
+    write_image(folder / "sub" / "cmyk.jpg", "CMYK", fmt="JPEG")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "preds.csv"
+    result = subprocess.run([sys.executable, "-m", "benchmark", "predict", str(path), str(folder), "--out", str(out),
+                             "--tta", "--explain", str(tmp_path / "cams")], capture_output=True, text=True,
+                            env=clean_env())
+    assert result.returncode == 2, result.stderr
+    rows = {row["path"].split("/")[-1]: row for row in csv.DictReader(open(out))}
+    assert set(rows) == {"gray.png", "cmyk.jpg", "broken.png"}
+    assert rows["broken.png"]["predicted"] == "" and "not an image" in rows["broken.png"]["error"]
+    for name in ("gray.png", "cmyk.jpg"):
+        assert rows[name]["error"] == "" and rows[name]["predicted"] in ("no", "yes")
+        assert float(rows[name]["prob_no"]) + float(rows[name]["prob_yes"]) == pytest.approx(1.0, abs=1e-5)
+        assert "flip" in rows[name]["tta"]
+    assert "broken.png" in result.stderr
+    assert len(list((tmp_path / "cams").glob("*_gradcam.png"))) == 2
+
+
+def test_a_model_file_with_code_is_refused(tmp_path):
+    inputs = keras.Input((4,))
+    unsafe = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
+    path = modelfile.save(unsafe, tmp_path / "unsafe.keras", {"backbone": "vgg16", "plugins": []})
+    with pytest.raises(modelfile.ModelFileError, match="unsafe.keras: refused: it holds code"):
+        modelfile.load(path)
+    keras.Model(inputs, keras.layers.Dense(2)(inputs)).save(tmp_path / "plain.keras")
+    with pytest.raises(modelfile.ModelFileError, match="not a tumorbench model file"):
+        modelfile.load(tmp_path / "plain.keras")
+
+
+@pytest.mark.parametrize("name", backbones.names())
+def test_gradcam_maps_every_backbone(name, tmp_path):
+    size = 96  # at 32 px the last conv map of resnet50 / efficientnetb0 is 1x1: nothing to localise
+    model, _ = saved_model(tmp_path, name, classes=("a", "b", "c"), size=size)
+    spec = backbones.get(name)
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 255, (2, size, size, 3)).astype("float32")
+    images[1, :48] = 0
+    maps = gradcam.heatmaps(model, spec, spec.preprocess(images))
+    assert maps.shape == (2, size, size) and maps.min() >= 0 and maps.max() <= 1
+    assert not np.allclose(maps[0], maps[1])
+
+
+BLOB_NET = '''
+import keras
+from backbones import BackboneSpec, register
+from backbones.preprocessing import raw
+
+def build(size, weights):
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Rescaling(1 / 255, name="blob_scale")(inputs)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="blob_conv1")(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="blob_conv2")(x)
+    return keras.Model(inputs, x, name="blobnet")
+
+@register
+def blobnet():
+    return BackboneSpec(name="blobnet", build=build, preprocess=raw, preprocessing="raw", input_size=32,
+                        layer_groups=(("all", ("input", "blob_")),), last_conv_layer="blob_conv2")
+'''
+
+
+def test_gradcam_highlights_a_planted_blob(tmp_path, monkeypatch):
+    (tmp_path / "blob_backbone.py").write_text(BLOB_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        backbones.load_plugins(["blob_backbone"])
+        spec = backbones.get("blobnet")
+        rng = np.random.default_rng(0)
+        n = 160
+        images = rng.normal(60, 15, (n, SIZE, SIZE, 3)).clip(0, 255).astype("float32")
+        labels = np.arange(n) % 2
+        corners = rng.integers(2, SIZE - 8, (n, 2))
+        for i in np.flatnonzero(labels):  # class 1: a bright 6x6 blob somewhere
+            y, x = corners[i]
+            images[i, y:y + 6, x:x + 6] = 250
+        keras.utils.set_random_seed(0)
+        base, _ = backbones.build_base(spec, SIZE, "none")
+        model = build_classifier(base, SIZE, 2, 0, 0.0)
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy", metrics=["accuracy"])
+        model.fit(images, labels[:, None].astype("float32"), epochs=15, batch_size=32, verbose=0)
+        test = np.flatnonzero(labels)[:10]
+        maps = gradcam.heatmaps(model, spec, spec.preprocess(images[test]), class_index=1)
+        inside, outside = [], []
+        for k, i in enumerate(test):
+            y, x = corners[i]
+            mask = np.zeros((SIZE, SIZE), bool)
+            mask[y:y + 6, x:x + 6] = True
+            inside.append(maps[k][mask].mean())
+            outside.append(maps[k][~mask].mean())
+        assert np.mean(inside) > 2 * np.mean(outside), (np.mean(inside), np.mean(outside))
+    finally:
+        _REGISTRY.pop("blobnet", None)
+        sys.modules.pop("blob_backbone", None)
