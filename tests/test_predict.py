@@ -6,7 +6,6 @@ import sys
 import keras
 import numpy as np
 import pytest
-from PIL import Image
 
 import backbones
 from backbones._registry import _REGISTRY
