@@ -200,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "check-data":  # TensorFlow's C++ and retracing chatter hides the progress lines
+    if args.command != "check-data":  # TensorFlow's and MLflow's chatter hides the progress lines
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         import tensorflow as tf
 
         tf.get_logger().setLevel("ERROR")
