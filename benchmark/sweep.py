@@ -192,8 +192,9 @@ def summarise(client: MlflowClient, study: optuna.Study, parent: str, out_dir: P
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if completed:
         best = study.best_trial
-        client.log_batch(parent, params=[mlflow.entities.Param(f"best_{k}", str(v)) for k, v in best.params.items()],
-                         metrics=[mlflow.entities.Metric(f"best_val_{metric}", best.value, 0, 0)])
+        # tags, not params: MLflow params can't change, and the best trial does as workers and reruns add trials
+        client.log_batch(parent, metrics=[mlflow.entities.Metric(f"best_val_{metric}", best.value, 0, 0)],
+                         tags=[mlflow.entities.RunTag(f"best_{k}", str(v)) for k, v in best.params.items()])
         client.set_tag(parent, "best_trial", str(best.number))
         if best.user_attrs.get("mlflow_run_id"):
             client.set_tag(parent, "best_run_id", best.user_attrs["mlflow_run_id"])

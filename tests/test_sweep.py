@@ -52,7 +52,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
     parent = client.get_run(study.user_attrs[sweep.STUDY_ATTR_PARENT])
     assert parent.info.status == "FINISHED" and parent.data.tags[tracking.KIND_TAG] == "sweep-study"
     assert parent.data.metrics["best_val_macro_f1"] == pytest.approx(study.best_value)
-    assert parent.data.params["best_unfreeze"] == str(study.best_params["unfreeze"])
+    assert parent.data.tags["best_unfreeze"] == str(study.best_params["unfreeze"])
     children = child_runs(client, parent.info.run_id)
     assert sorted(int(r.data.tags["tumorbench.trial"]) for r in children) == [0, 1, 2]
     for run in children:  # the objective is the final validation metric; reports are per epoch, one axis
