@@ -13,6 +13,7 @@ SOURCE ?= bench
 TRIALS ?=
 STORAGE ?=
 WORKERS ?= 1
+FOLDS ?=
 
 bench_args = $(if $(BACKBONES),--backbones $(BACKBONES)) $(if $(DATA),--data $(DATA)) \
              --config $(CONFIG) $(if $(WEIGHTS),--weights $(WEIGHTS))
@@ -20,7 +21,7 @@ bench_args = $(if $(BACKBONES),--backbones $(BACKBONES)) $(if $(DATA),--data $(D
 sweep_args = $(bench_args) $(if $(TRIALS),--trials $(TRIALS)) $(if $(STORAGE),--storage $(STORAGE)) \
              --workers $(WORKERS)
 
-.PHONY: install test bench sweep perf report ui dashboard check-data clean
+.PHONY: install test bench sweep perf report ui dashboard audit check-data clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +34,9 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q
 
+# FOLDS=5 cross-validates: mean and 95% CI per metric, paired comparisons on out-of-fold predictions.
 bench: install
-	$(PY) -m benchmark bench $(bench_args)
+	$(PY) -m benchmark bench $(bench_args) $(if $(FOLDS),--folds $(FOLDS))
 
 # WORKERS=N starts N local workers on one study (needs STORAGE=postgresql://...); worker 0 opens it.
 sweep: install
@@ -48,6 +50,10 @@ perf: install
 
 report: install
 	$(PY) -m benchmark report --source $(SOURCE) $(if $(DATA),--data $(DATA)) --config $(CONFIG)
+
+# Exact and near-duplicate images within and across classes and splits: results/<data set>/audit.md.
+audit: install
+	$(PY) -m benchmark audit $(or $(DATA),$(error give DATA=path/to/data))
 
 check-data: install
 	$(PY) -m benchmark check-data $(DATA)

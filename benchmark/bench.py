@@ -12,11 +12,12 @@ from pathlib import Path
 import keras
 import mlflow
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 
 import backbones
 
-from . import feeds, gradcam, intake, metrics, modelfile, pipeline, plots, report, tracking
+from . import audit, feeds, gradcam, intake, metrics, modelfile, pipeline, plots, report, stats, tracking
 from .model import build_classifier
 from .phantoms import phantom_dataset
 from .trainer import TrainingFailed, train_two_phase
@@ -30,6 +31,7 @@ class Prepared:
     parts: dict[str, list[intake.Sample]]
     name: str  # experiment and results folder name
     path: str
+    groups: dict[str, int] | None = None  # source -> duplicate group (data.group_duplicates)
 
 
 def data_path(config) -> Path:
@@ -48,32 +50,49 @@ def dataset_name(config) -> str:
 
 
 def prepare_data(config) -> Prepared:
-    """Read and split the data every backbone of this benchmark shares."""
+    """Read and split the data every backbone of this benchmark shares; duplicates are grouped
+    first, so no group straddles train and val."""
     data = config.data
     path = data_path(config)
     dataset = intake.load_dataset(path, data.class_names, data.skip_bad)
     name = dataset.name if data.path else dataset_name(config)
-    return Prepared(dataset, intake.split(dataset, data.val_fraction, config.seed), name, str(path))
+    groups = audit.duplicate_groups(dataset, data.duplicate_distance) if data.group_duplicates else None
+    return Prepared(dataset, intake.split(dataset, data.val_fraction, config.seed, groups), name, str(path), groups)
+
+
+def fold_data(config, prepared: Prepared) -> list[Prepared]:
+    """One Prepared per cross-validation fold (data.folds), the same folds for every backbone."""
+    parts = intake.folds(prepared.dataset, config.data.folds, config.seed, prepared.groups)
+    return [dataclasses.replace(prepared, parts=fold) for fold in parts]
 
 
 def resolve_weights(config) -> dict[str, str]:
     """The weights source each backbone will use, checked before any training starts.
 
-    When the requested source can't be had and `weights_fallback` is set, warn loudly and fall
-    back; the source actually used is what gets recorded.
+    When the requested source can't be had, the sources in `weights_fallback` (comma-separated,
+    e.g. "imagenet,none") are tried in order, with a loud warning; the source actually used is
+    what gets recorded.
     """
     chosen = {}
     for name in config.model.backbones:
         spec = backbones.get(name)
-        try:
-            backbones.weights.check(spec, config.model.weights)
-            chosen[name] = config.model.weights
-        except backbones.WeightsUnavailable as err:
-            if not config.model.weights_fallback:
-                raise
-            print(f"\n!!! WARNING: {err}\n!!! {name} falls back to weights '{config.model.weights_fallback}'; "
-                  f"its results are NOT pretrained results.\n", file=sys.stderr)
-            chosen[name] = config.model.weights_fallback
+        candidates = [config.model.weights] + [w.strip() for w in config.model.weights_fallback.split(",") if w.strip()]
+        errors = []
+        for weights in candidates:
+            try:
+                backbones.weights.check(spec, weights)
+            except backbones.WeightsUnavailable as err:
+                errors.append(err)
+                continue
+            chosen[name] = weights
+            break
+        else:
+            raise errors[-1] if len(errors) == 1 else backbones.WeightsUnavailable(
+                f"{name}: none of the weights {candidates} can be had:\n  " + "\n  ".join(map(str, errors)))
+        if errors:
+            print(f"\n!!! WARNING: {errors[0]}\n!!! {name} falls back to weights '{chosen[name]}'"
+                  + ("; its results are NOT pretrained results." if chosen[name] == "none" else ".") + "\n",
+                  file=sys.stderr)
     return chosen
 
 
@@ -97,18 +116,45 @@ def _log_params(config, prepared: Prepared, spec, size: int, weights_used: str) 
         "class_names": json.dumps(dataset.class_names), "class_to_index": json.dumps(dataset.class_to_index),
         "head_units": model.head_units, "dropout": model.dropout,
         "n_train": len(prepared.parts["train"]), "n_val": len(prepared.parts["val"]),
+        "n_test": len(prepared.parts.get("test", [])), "group_duplicates": config.data.group_duplicates,
+        "duplicate_distance": config.data.duplicate_distance,
     })
     mlflow.log_text(config.to_toml(), "config.toml")
 
 
-def _evaluate(model, dataset, samples, spec, size, batch_size, split_name: str) -> dict:
-    ds = pipeline.make_dataset(dataset, samples, spec.preprocess, size, batch_size)
-    probabilities = model.predict(ds, verbose=0)
+def _predict(model, dataset, samples, spec, size, batch_size) -> np.ndarray:
+    return metrics.class_probabilities(
+        model.predict(pipeline.make_dataset(dataset, samples, spec.preprocess, size, batch_size), verbose=0))
+
+
+def _choose_threshold(dataset, samples, probabilities, evaluate) -> float | None:
+    """Two classes with a target sensitivity: the threshold reaching it on validation (never test)."""
+    if len(dataset.class_names) != 2 or evaluate.target_sensitivity <= 0:
+        return None
+    return stats.threshold_for_sensitivity([s.label for s in samples], probabilities[:, 1],
+                                           evaluate.target_sensitivity)
+
+
+def predictions_frame(dataset, samples, probabilities) -> pd.DataFrame:
+    """One row per image: source, true label, probability per class (what the paired tests need)."""
+    frame = pd.DataFrame({"source": [s.source for s in samples], "label": [s.label for s in samples]})
+    for i, name in enumerate(dataset.class_names):
+        frame[f"prob_{name}"] = probabilities[:, i]
+    return frame
+
+
+def _score(dataset, samples, probabilities, spec, split_name: str, evaluate, threshold) -> dict:
+    """Metrics, figures, report and per-image predictions of one split, logged to the active run."""
     y_true = [s.label for s in samples]
-    result = metrics.compute(y_true, probabilities, dataset.class_names)
+    result = metrics.compute(y_true, probabilities, dataset.class_names, evaluate.calibration_bins)
+    if threshold is not None:
+        result.update(metrics.at_threshold(y_true, probabilities, threshold))
     mlflow.log_metrics(metrics.flatten(result, split_name))
-    tracking.log_figure(plots.confusion_matrix(result["confusion_matrix"], dataset.class_names,
-                                               f"{spec.name} {split_name}"), f"confusion_matrix_{split_name}.png")
+    title = f"{spec.name} {split_name}"
+    tracking.log_figure(plots.confusion_matrix(result["confusion_matrix"], dataset.class_names, title),
+                        f"confusion_matrix_{split_name}.png")
+    tracking.log_figure(plots.reliability_diagram(result["reliability"], result["ece"], title),
+                        f"reliability_{split_name}.png")
     mlflow.log_text(metrics.report_text(result, dataset.class_names), f"classification_report_{split_name}.txt")
     tracking.log_json(result, f"metrics_{split_name}.json")
     return result
@@ -207,8 +253,16 @@ def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = ()
     try:
         result = train_two_phase(model, built.base, spec, built.feed, train, n_classes,
                                  callbacks=[*callbacks, tracking.EpochLogger()], score=score)
-        scores = {split: _evaluate(model, dataset, parts[split], spec, size, train.batch_size, split)
-                  for split in ("val", "test") if split in parts}
+        # Model selection (best epoch, threshold) saw validation only; test is scored once, here.
+        splits = [split for split in ("val", "test") if parts.get(split)]
+        probabilities = {split: _predict(model, dataset, parts[split], spec, size, train.batch_size)
+                         for split in splits}
+        threshold = _choose_threshold(dataset, parts["val"], probabilities["val"], config.evaluate)
+        scores = {split: _score(dataset, parts[split], probabilities[split], spec, split, config.evaluate, threshold)
+                  for split in splits}
+        predictions = {split: predictions_frame(dataset, parts[split], probabilities[split]) for split in splits}
+        for split, frame in predictions.items():
+            mlflow.log_text(frame.to_csv(index=False), f"predictions_{split}.csv")
     except (TrainingFailed, ValueError) as err:
         mlflow.set_tag("failure", str(err))
         raise TrainingFailed(f"{spec.name}: {err}" if isinstance(err, ValueError) else str(err)) from err
@@ -216,14 +270,14 @@ def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = ()
                        "unfrozen_groups": ",".join(result.unfrozen) or "none"})
     tracking.log_figure(plots.training_curves(result.epochs, result.phase2_start,
                                               f"{spec.name} ({built.weights_used})"), "training_curves.png")
-    mlflow.log_metrics({
+    costs = {
         "train_seconds": result.seconds,
         **{f"phase{phase}_seconds": seconds for phase, seconds in result.phase_seconds.items()},
         "trainable_params": float(result.trainable_params),
         "total_params": float(model.count_params()),
         "inference_ms_per_image": _inference_ms(model, dataset, parts["val"], spec, size, train.batch_size),
-        "n_val": float(len(parts["val"])),
-    })
+    }
+    mlflow.log_metrics({**costs, "n_val": float(len(parts["val"]))})
     _log_gradcam_examples(model, spec, dataset, parts["val"], size, scores["val"]["predicted"])
     if config.tracking.log_model:
         description = modelfile.describe(spec, dataset.class_names, size, built.weights_used, dataset.fingerprint,
@@ -231,28 +285,71 @@ def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = ()
         with tempfile.TemporaryDirectory() as workdir:
             mlflow.log_artifact(str(modelfile.save(model, Path(workdir) / "model.keras", description)), "model")
         tracking.log_json(description, "model/metadata.json")
-    return {**scores, "epochs": len(result.epochs), "seconds": result.seconds}
+    return {**scores, "predictions": predictions, "costs": costs, "epochs": len(result.epochs),
+            "seconds": result.seconds}
 
 
-def run_backbone(config, prepared: Prepared, name: str, weights: str, experiment: str) -> dict:
-    """Train and evaluate one backbone inside its own MLflow run; prints one summary line."""
+def run_backbone(config, prepared: Prepared, name: str, weights: str, experiment: str,
+                 fold: int | None = None) -> dict:
+    """Train and evaluate one backbone inside its own MLflow run (a child run when it is one
+    cross-validation fold); prints one summary line."""
     built = build(config, prepared, name, weights)
-    with mlflow.start_run(experiment_id=experiment, run_name=f"{name}-{built.weights_used}") as run:
-        mlflow.set_tags({tracking.KIND_TAG: "bench", **tracking.provenance_tags()})
+    label = f"{name}-{built.weights_used}" + ("" if fold is None else f"-fold{fold + 1}")
+    with mlflow.start_run(experiment_id=experiment, run_name=label, nested=fold is not None) as run:
+        tags = {tracking.KIND_TAG: "bench" if fold is None else "bench-fold", **tracking.provenance_tags()}
+        mlflow.set_tags(tags if fold is None else {**tags, "tumorbench.fold": str(fold + 1)})
         try:
             outcome = train_and_log(config, prepared, built)
         except TrainingFailed:
             mlflow.end_run(status="FAILED")
             raise
         val = outcome["val"]
-        print(f"== {name:<15} weights={built.weights_used:<8} val_accuracy={val['accuracy']:.4f} "
-              f"val_macro_f1={val['macro_f1']:.4f} val_loss={val['loss']:.4f} "
-              f"epochs={outcome['epochs']} time={outcome['seconds']:.1f}s run={run.info.run_id}", flush=True)
-        return {"run_id": run.info.run_id, **val}
+        print(f"== {label:<24} val_accuracy={val['accuracy']:.4f} val_macro_f1={val['macro_f1']:.4f} "
+              f"val_loss={val['loss']:.4f} epochs={outcome['epochs']} time={outcome['seconds']:.1f}s "
+              f"run={run.info.run_id}", flush=True)
+        return {**outcome, "run_id": run.info.run_id, "weights_used": built.weights_used}
+
+
+def run_cross_validated(config, folds: list[Prepared], name: str, weights: str, experiment: str) -> dict:
+    """A parent MLflow run per backbone with a child run per fold; the parent holds each metric's
+    mean and 95% CI over folds, and the out-of-fold predictions (every image scored exactly once)."""
+    first = folds[0]
+    spec = backbones.get(name)
+    with mlflow.start_run(experiment_id=experiment, run_name=f"{name}-{weights}-cv{len(folds)}") as parent:
+        mlflow.set_tags({tracking.KIND_TAG: "bench-cv", **tracking.provenance_tags()})
+        outcomes = [run_backbone(config, fold, name, weights, experiment, fold=i) for i, fold in enumerate(folds)]
+        mlflow.log_params({"backbone": name, "weights": outcomes[0]["weights_used"], "weights_requested": weights,
+                           "folds": len(folds), "seed": config.seed, "data_path": first.path,
+                           "data_fingerprint": first.dataset.fingerprint,
+                           "class_names": json.dumps(first.dataset.class_names),
+                           "group_duplicates": config.data.group_duplicates,
+                           "n_images": sum(len(fold.parts["val"]) for fold in folds)})
+        mlflow.log_text(config.to_toml(), "config.toml")
+        summary = {}
+        for split in ("val", "test"):
+            per_fold = [metrics.flatten(outcome[split], split) for outcome in outcomes if split in outcome]
+            for key in sorted(set().union(*per_fold)) if per_fold else []:
+                mean, low, high = stats.mean_ci([scores.get(key, np.nan) for scores in per_fold])
+                summary.update({f"{key}_mean": mean, f"{key}_ci_low": low, f"{key}_ci_high": high})
+        mlflow.log_metrics({k: v for k, v in summary.items() if np.isfinite(v)})
+        costs = {key: float(np.mean([outcome["costs"][key] for outcome in outcomes])) for key in outcomes[0]["costs"]}
+        mlflow.log_metrics({**costs, "train_seconds": float(sum(outcome["seconds"] for outcome in outcomes))})
+        out_of_fold = pd.concat([outcome["predictions"]["val"].assign(fold=i + 1) for i, outcome in enumerate(outcomes)],
+                                ignore_index=True)
+        mlflow.log_text(out_of_fold.to_csv(index=False), "predictions_oof.csv")
+        probabilities = out_of_fold[[f"prob_{c}" for c in first.dataset.class_names]].to_numpy()
+        samples = [intake.Sample(source, int(label)) for source, label in zip(out_of_fold.source, out_of_fold.label)]
+        _score(first.dataset, samples, probabilities, spec, "oof", config.evaluate, None)
+        print(f"== {name} {len(folds)}-fold: val_accuracy {summary['val_accuracy_mean']:.4f} "
+              f"[{summary['val_accuracy_ci_low']:.4f}, {summary['val_accuracy_ci_high']:.4f}], val_macro_f1 "
+              f"{summary['val_macro_f1_mean']:.4f} [{summary['val_macro_f1_ci_low']:.4f}, "
+              f"{summary['val_macro_f1_ci_high']:.4f}] run={parent.info.run_id}", flush=True)
+        return summary
 
 
 def run(config) -> tuple:
-    """The whole benchmark: check everything that can fail early, train each backbone, build the table."""
+    """The whole benchmark: check everything that can fail early, train each backbone (on every
+    fold with data.folds > 1), build the table."""
     backbones.load_plugins(config.plugins)
     for name in config.model.backbones:
         backbones.get(name)  # unknown names fail here, listing the registered ones
@@ -260,11 +357,16 @@ def run(config) -> tuple:
     weights = resolve_weights(config)
     prepared = prepare_data(config)
     experiment = tracking.experiment_id(client, prepared.name, config.tracking)
+    folds = fold_data(config, prepared) if config.data.folds > 1 else []
     counts = ", ".join(f"{split} {len(samples)}" for split, samples in prepared.parts.items())
-    print(f"data set {prepared.name} ({prepared.path}): {len(prepared.dataset.class_names)} classes, {counts}; "
+    layout = (f"{len(folds)} folds of about {len(folds[0].parts['val'])} images" if folds else counts)
+    print(f"data set {prepared.name} ({prepared.path}): {len(prepared.dataset.class_names)} classes, {layout}; "
           f"fingerprint {prepared.dataset.fingerprint}; tracking {client.tracking_uri}", flush=True)
     for name in config.model.backbones:
-        run_backbone(config, prepared, name, weights[name], experiment)
-    table, paths = report.build(client, prepared.name, Path(config.tracking.results_dir))
+        if folds:
+            run_cross_validated(config, folds, name, weights[name], experiment)
+        else:
+            run_backbone(config, prepared, name, weights[name], experiment)
+    table, paths = report.build(client, prepared.name, Path(config.tracking.results_dir),
+                                "cv" if folds else "bench", config.evaluate)
     return table, paths, prepared.name
-

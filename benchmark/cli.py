@@ -19,6 +19,8 @@ def _config(args):
         overrides.append(f"model.backbones={args.backbones}")
     if getattr(args, "data", None):
         overrides.append(f'data.path="{args.data}"')
+    if getattr(args, "folds", None):
+        overrides.append(f"data.folds={args.folds}")
     if getattr(args, "weights", None):
         overrides.append(f'model.weights="{args.weights}"')
         overrides.append('model.weights_fallback=""')  # weights asked for by name must not be swapped
@@ -102,11 +104,29 @@ def _report(args) -> int:
         config = _config(args)
         client = tracking.connect(config.tracking)
         name = args.dataset or bench.dataset_name(config)
-        _, paths = report.build(client, name, Path(config.tracking.results_dir), args.source)
+        _, paths = report.build(client, name, Path(config.tracking.results_dir), args.source, config.evaluate)
     except (*USER_ERRORS, tracking.TrackingUnavailable, LookupError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(paths["md"].read_text())
+    print(f"written: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _audit(args) -> int:
+    from . import audit
+
+    try:
+        config = load_config(args.config, list(args.set or []))
+        dataset = intake.load_dataset(args.data, config.data.class_names, skip_bad=args.skip_bad)
+        distance = args.distance if args.distance is not None else config.data.duplicate_distance
+        found = audit.run(dataset, distance)
+    except (ConfigError, intake.DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    out_dir = Path(args.out or Path(config.tracking.results_dir) / dataset.name)
+    paths = audit.write(found, out_dir)
+    print(found.markdown())
     print(f"written: {', '.join(str(p) for p in paths.values())}")
     return 0
 
@@ -146,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--skip-bad", action="store_true", help="leave unreadable files out instead of failing")
     check.set_defaults(run=_check_data)
 
+    audit_cmd = commands.add_parser("audit", help="find exact and near-duplicate images across classes and splits")
+    audit_cmd.add_argument("data", help="folder of class folders (or splits), or an .npz file")
+    audit_cmd.add_argument("--distance", type=int, help="near duplicate: hashes at most this many bits apart "
+                           "(of 256; default data.duplicate_distance)")
+    audit_cmd.add_argument("--out", help="folder for audit.md, duplicates.csv/png (default results/<data set>)")
+    audit_cmd.add_argument("--skip-bad", action="store_true", help="leave unreadable files out instead of failing")
+    audit_cmd.add_argument("--config", help="TOML file overriding the defaults")
+    audit_cmd.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    audit_cmd.set_defaults(run=_audit)
+
     def common(sub):
         sub.add_argument("--config", help="TOML file overriding the defaults")
         sub.add_argument("--data", help="data set path (default: the embedded phantom set)")
@@ -156,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(bench_cmd)
     bench_cmd.add_argument("--backbones", help="comma-separated names (default: all in the config)")
     bench_cmd.add_argument("--weights", help="imagenet | none | hed | path to a weights file")
+    bench_cmd.add_argument("--folds", type=int, help="k-fold cross-validation (mean and 95%% CI per metric)")
     bench_cmd.set_defaults(run=_bench)
 
     sweep_cmd = commands.add_parser("sweep", help="Optuna study per backbone over lr1, lr2, unfreeze, dropout, head")
@@ -192,15 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     report_cmd = commands.add_parser("report", help="rebuild the comparison table from MLflow alone")
     common(report_cmd)
     report_cmd.add_argument("--dataset", help="experiment name (default: derived from --data or the config)")
-    report_cmd.add_argument("--source", default="bench", choices=["bench", "sweep"],
-                            help="bench: newest bench run per backbone; sweep: best sweep trial per backbone")
+    report_cmd.add_argument("--source", default="bench", choices=["bench", "cv", "sweep"],
+                            help="bench: newest bench run per backbone; cv: newest cross-validated one; "
+                            "sweep: best sweep trial per backbone")
     report_cmd.set_defaults(run=_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "check-data":  # TensorFlow's and MLflow's chatter hides the progress lines
+    if args.command not in ("check-data", "audit"):  # TensorFlow's and MLflow's chatter hides the progress lines
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         import tensorflow as tf

@@ -24,13 +24,19 @@ class DataConfig:
     class_names: list[str] = field(default_factory=list)  # empty: sorted folder names
     val_fraction: float = 0.2
     skip_bad: bool = False
+    folds: int = 0  # > 1: k-fold cross-validation, the same folds for every backbone (bench --folds)
+    # Exact and near duplicates (the audit's groups) stay on one side of every split and fold, and a
+    # val/test image that copies a training image is not scored.
+    group_duplicates: bool = True
+    duplicate_distance: int = 12  # near duplicate: 256-bit perceptual hashes at most this many bits apart
 
 
 @dataclass
 class ModelConfig:
     backbones: list[str] = field(default_factory=lambda: ["vgg16", "resnet50", "efficientnetb0"])
     weights: str = "imagenet"  # imagenet | none | hed (vgg16) | path to a weights file
-    weights_fallback: str = ""  # e.g. "none": used, with a loud warning, when `weights` can't be had
+    # Tried in order, with a loud warning, when `weights` can't be had, e.g. "imagenet,none"
+    weights_fallback: str = ""
     input_size: int = 0  # 0: each backbone's default
     head_units: int = 256
     dropout: float = 0.5
@@ -69,6 +75,15 @@ class TrainConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    # 2 classes: also choose on validation the threshold reaching this sensitivity and report the
+    # specificity it costs (test, if any, is scored with that same threshold); 0 = off.
+    target_sensitivity: float = 0.95
+    calibration_bins: int = 10  # equal-width confidence bins for ECE and the reliability diagram
+    bootstrap_resamples: int = 2000  # paired bootstrap for the backbone-vs-backbone table
+
+
+@dataclass
 class TrackingConfig:
     uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<results_dir>/mlflow.db
     results_dir: str = "results"
@@ -100,6 +115,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 

@@ -57,10 +57,14 @@ class Dataset:
     skipped: list[Problem] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     arrays: np.ndarray | None = None  # the X array of an .npz set (uint8), else None
+    digests: dict[str, str] = field(default_factory=dict)  # source -> sha256 of its bytes
 
     @property
     def name(self) -> str:
-        return self.root.stem if self.layout == "npz" else self.root.name
+        """The set's name: its folder (or .npz file); a split folder such as Training/ takes its parent's."""
+        if self.layout == "npz":
+            return self.root.stem
+        return self.root.parent.name if self.root.name.lower() in SPLIT_NAMES else self.root.name
 
     @property
     def class_to_index(self) -> dict[str, int]:
@@ -276,6 +280,7 @@ def _read_folders(root: Path, splits: dict[str, Path], configured: list[str], sk
         dataset.splits.setdefault(split, []).append(Sample(rel, index[name]))
         dataset.sizes[size] += 1
         dataset.modes[mode] += 1
+        dataset.digests[rel] = digest
         entries.append((rel, digest))
     for split, samples in dataset.splits.items():
         counts = Counter(s.label for s in samples)
@@ -326,6 +331,7 @@ def _read_npz(path: Path, configured: list[str]) -> Dataset:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     dataset = Dataset(path, "npz", class_names, {"all": samples}, _fingerprint([(path.name, digest)]),
                       arrays=x)
+    dataset.digests = {s.source: hashlib.sha256(x[int(s.source)].tobytes()).hexdigest() for s in samples}
     dataset.sizes[(x.shape[2], x.shape[1])] = len(x)
     dataset.modes["RGB" if x.shape[-1] == 3 else "L"] = len(x)
     return dataset
@@ -344,23 +350,74 @@ def load_dataset(path: str | Path, class_names: list[str] | None = None, skip_ba
     return _read_folders(root, splits, class_names or [], skip_bad)
 
 
-def split(dataset: Dataset, val_fraction: float, seed: int) -> dict[str, list[Sample]]:
-    """train/val(/test) lists: given splits are kept, a missing val is carved from train, stratified.
+def _group_of(samples: list[Sample], groups: dict[str, int] | None) -> list:
+    """Each sample's duplicate group; a sample with none (or no grouping at all) is a group of its own."""
+    groups = groups or {}
+    return [groups.get(s.source, f"alone:{s.source}") for s in samples]
 
-    Samples are sorted by their source before splitting, so the same seed gives the same split
-    whatever order the file system listed them in.
-    """
-    from sklearn.model_selection import train_test_split
 
-    given = dict(dataset.splits)
-    pool = given.pop("all", None) or given.pop("train")
-    if "val" in given:
-        return {"train": pool, **given}
+def _grouped_folds(pool: list[Sample], k: int, seed: int, groups: dict[str, int] | None, where: Path):
+    """k stratified folds of `pool` (sorted first, so listing order never matters) that keep every
+    duplicate group whole; yields (train, val) sample lists."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
     pool = sorted(pool, key=lambda s: s.source)
     labels = [s.label for s in pool]
-    n_val = max(len(dataset.class_names), round(len(pool) * val_fraction))
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     try:
-        train, val = train_test_split(pool, test_size=n_val, stratify=labels, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "least populated class has only n members"
+            indices = list(splitter.split(pool, labels, _group_of(pool, groups)))
     except ValueError as err:
-        raise DataError(f"{dataset.root}: too few images for a stratified validation split ({err})") from None
-    return {"train": train, "val": val, **given}
+        raise DataError(f"{where}: too few images (or duplicate groups) for {k} stratified parts ({err})") from None
+    for train, val in indices:
+        if len({labels[i] for i in val}) < 2:
+            raise DataError(f"{where}: a validation part of 1/{k} of the images holds fewer than two classes")
+        yield [pool[i] for i in train], [pool[i] for i in val]
+
+
+def _without_copies_of(samples: list[Sample], training: list[Sample], groups: dict[str, int] | None,
+                       split_name: str) -> list[Sample]:
+    """`samples` less those with a duplicate among `training`: a copy of a training image is never scored."""
+    if not groups:
+        return samples
+    seen = set(_group_of(training, groups))
+    kept = [s for s, g in zip(samples, _group_of(samples, groups)) if g not in seen]
+    if len(kept) < len(samples):
+        import sys
+
+        print(f"note: {len(samples) - len(kept)} {split_name} image(s) are duplicates of training images "
+              f"and are left out of scoring (see `python -m benchmark audit`)", file=sys.stderr)
+    return kept
+
+
+def split(dataset: Dataset, val_fraction: float, seed: int,
+          groups: dict[str, int] | None = None) -> dict[str, list[Sample]]:
+    """train/val(/test) lists: given splits are kept, a missing val is carved from train, stratified.
+
+    With `groups` (source -> duplicate group, from the audit) a group never straddles train and
+    val, and val/test images that copy a training image are left out. A carved val is one of
+    round(1 / val_fraction) group-aware stratified folds (fewer when a class has fewer images),
+    so its size is close to val_fraction.
+    Samples are sorted first, so the same seed gives the same split whatever the listing order.
+    """
+    given = dict(dataset.splits)
+    pool = given.pop("all", None) or given.pop("train")
+    if "val" not in given:
+        smallest = min(Counter(s.label for s in pool).values())
+        k = max(2, min(round(1 / val_fraction), smallest))  # a tiny class can't fill more folds than it has images
+        pool, given["val"] = next(_grouped_folds(pool, k, seed, groups, dataset.root))
+    held_out = {name: _without_copies_of(samples, pool, groups, name) for name, samples in given.items()}
+    return {"train": pool, "val": held_out["val"], **{n: v for n, v in held_out.items() if n != "val"}}
+
+
+def folds(dataset: Dataset, k: int, seed: int, groups: dict[str, int] | None = None) -> list[dict[str, list[Sample]]]:
+    """k cross-validation parts {train, val(, test)} over all non-test images (a given val joins
+    the pool), stratified and group-aware; the test split, if any, stays out of every fold."""
+    given = dict(dataset.splits)
+    test = given.pop("test", None)
+    pool = [s for samples in given.values() for s in samples]
+    held_out = {"test": _without_copies_of(test, pool, groups, "test")} if test is not None else {}
+    return [{"train": train, "val": val, **held_out} for train, val in _grouped_folds(pool, k, seed, groups, dataset.root)]

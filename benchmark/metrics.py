@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn import metrics as skm
 
+from . import stats
+
 
 def class_probabilities(outputs: np.ndarray) -> np.ndarray:
     """(N, K) probabilities from the model's outputs: one sigmoid column becomes [1 - p, p]."""
@@ -13,10 +15,10 @@ def class_probabilities(outputs: np.ndarray) -> np.ndarray:
     return outputs
 
 
-def compute(y_true, probabilities, class_names: list[str]) -> dict:
+def compute(y_true, probabilities, class_names: list[str], calibration_bins: int = 10) -> dict:
     """Accuracy, log loss, per-class P/R/F1/support, macro/weighted F1, confusion matrix, ROC-AUC
-    (one-vs-rest beyond two classes); for two classes also sensitivity and specificity, with the
-    second class (e.g. 'yes', 'tumor') as positive."""
+    (one-vs-rest beyond two classes), expected calibration error and its reliability bins; for two
+    classes also sensitivity and specificity, with the second class (e.g. 'yes', 'tumor') as positive."""
     y_true = np.asarray(y_true, dtype=int)
     probabilities = class_probabilities(probabilities)
     if not np.isfinite(probabilities).all():
@@ -34,6 +36,8 @@ def compute(y_true, probabilities, class_names: list[str]) -> dict:
         "confusion_matrix": skm.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "predicted": y_pred.tolist(),
         "roc_auc": _roc_auc(y_true, probabilities, labels),
+        "ece": stats.expected_calibration_error(y_true, probabilities, calibration_bins),
+        "reliability": stats.reliability(y_true, probabilities, calibration_bins),
         "per_class": {
             name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                    "support": int(support[i])}
@@ -45,6 +49,13 @@ def compute(y_true, probabilities, class_names: list[str]) -> dict:
         result["sensitivity"] = tp / (tp + fn) if tp + fn else float("nan")
         result["specificity"] = tn / (tn + fp) if tn + fp else float("nan")
     return result
+
+
+def at_threshold(y_true, probabilities, threshold: float) -> dict:
+    """Two classes: sensitivity and specificity when the positive class needs p >= threshold."""
+    sensitivity, specificity = stats.sensitivity_specificity(y_true, class_probabilities(probabilities)[:, 1],
+                                                             threshold)
+    return {"target_threshold": threshold, "target_sensitivity": sensitivity, "target_specificity": specificity}
 
 
 def _roc_auc(y_true, probabilities, labels) -> float:
@@ -71,7 +82,8 @@ def report_text(result: dict, class_names: list[str]) -> str:
         c = result["per_class"][name]
         lines.append(f"{name:<16}{c['precision']:>10.3f}{c['recall']:>10.3f}{c['f1']:>10.3f}{c['support']:>10d}")
     lines.append("")
-    for key in ("accuracy", "loss", "macro_f1", "weighted_f1", "roc_auc", "sensitivity", "specificity"):
+    for key in ("accuracy", "loss", "macro_f1", "weighted_f1", "roc_auc", "ece", "sensitivity", "specificity",
+                "target_threshold", "target_sensitivity", "target_specificity"):
         if key in result:
             lines.append(f"{key:<16}{result[key]:>10.4f}")
     lines += ["", "confusion matrix (rows: true, columns: predicted; order " + ", ".join(class_names) + ")"]

@@ -41,12 +41,16 @@ def training_curves(epochs: list[dict], phase2_start: int, title: str):
 
 
 def comparison_bars(table, metrics: list[str], title: str):
-    """Grouped bars: one group per metric, one bar per backbone."""
+    """Grouped bars: one group per metric, one bar per backbone; 95% CI whiskers where the table has them."""
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(metrics), 3.8))
     width = 0.8 / max(len(table), 1)
     for k, (_, row) in enumerate(table.iterrows()):
-        values = [row.get(m, np.nan) for m in metrics]
-        ax.bar(np.arange(len(metrics)) + k * width, values, width, label=f"{row['backbone']} ({row['weights']})")
+        values = np.array([row.get(m, np.nan) for m in metrics], dtype=float)
+        low = np.array([row.get(f"{m}_ci_low", np.nan) for m in metrics], dtype=float)
+        high = np.array([row.get(f"{m}_ci_high", np.nan) for m in metrics], dtype=float)
+        whiskers = None if np.isnan(low).all() else np.nan_to_num(np.vstack([values - low, high - values]))
+        ax.bar(np.arange(len(metrics)) + k * width, values, width, yerr=whiskers, capsize=3,
+               label=f"{row['backbone']} ({row['weights']})")
     ax.set_xticks(np.arange(len(metrics)) + width * (len(table) - 1) / 2, metrics)
     ax.set_ylim(0, 1)
     ax.set_title(title)
@@ -79,5 +83,46 @@ def gradcam_grid(images, overlays, titles: list[str], title: str):
         for ax in axes[:, k]:
             ax.axis("off")
     fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def message_figure(text: str):
+    fig, ax = plt.subplots(figsize=(6, 1.5))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    return fig
+
+
+def pair_sheet(pairs: list, title: str):
+    """One row per pair: ([image, image], [caption, caption], row title)."""
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(5.6, 2.9 * len(pairs)), squeeze=False)
+    for (images, captions, row_title), row in zip(pairs, axes):
+        for ax, image, caption in zip(row, images, captions):
+            ax.imshow(image)
+            ax.set_title(caption, fontsize=7)
+            ax.axis("off")
+        row[0].text(-0.05, 0.5, row_title, transform=row[0].transAxes, rotation=90, ha="right", va="center",
+                    fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_diagram(bins: dict, ece: float, title: str):
+    """Accuracy against mean confidence per bin (bar width: the bin), the diagonal being perfect calibration."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    edges = np.asarray(bins["edges"])
+    filled = np.asarray(bins["count"]) > 0
+    ax.bar(edges[:-1][filled], np.asarray(bins["accuracy"])[filled], width=np.diff(edges)[filled], align="edge",
+           edgecolor="black", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.plot(np.asarray(bins["confidence"])[filled], np.asarray(bins["accuracy"])[filled], "ro", ms=4,
+            label="mean confidence")
+    ax.set_xlim(0, 1), ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}\nECE {ece:.3f}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return fig

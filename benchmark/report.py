@@ -1,6 +1,7 @@
 """The comparison table, built from MLflow runs alone (never from a process's memory)."""
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import tempfile
@@ -8,15 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from sklearn import metrics as skm
 
-from . import plots
+from . import plots, stats
 from .tracking import KIND_TAG
 
-HEADLINE = ["accuracy", "loss", "macro_f1", "roc_auc"]
-
-
-SOURCES = {"bench": "bench", "sweep": "sweep-trial"}
+HEADLINE = ["accuracy", "loss", "macro_f1", "roc_auc", "ece"]
+BINARY = ["sensitivity", "specificity", "target_threshold", "target_sensitivity", "target_specificity"]
+SOURCES = {"bench": "bench", "cv": "bench-cv", "sweep": "sweep-trial"}
+PREDICTIONS = {"bench": "predictions_val.csv", "cv": "predictions_oof.csv", "sweep": "predictions_val.csv"}
 
 
 def _trial_rank(run) -> tuple[float, int]:
@@ -28,10 +31,11 @@ def _trial_rank(run) -> tuple[float, int]:
 
 
 def select_runs(client: MlflowClient, experiment_name: str, source: str = "bench") -> list:
-    """Per backbone: the newest finished `bench` run, or the best finished `sweep` trial."""
+    """Per backbone: the newest finished `bench` (or cross-validated `cv`) run, or the best finished
+    `sweep` trial."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
-        raise LookupError(f"MLflow has no experiment {experiment_name!r}; run `make {source}` for that data first")
+        raise LookupError(f"MLflow has no experiment {experiment_name!r}; run `make bench` for that data first")
     runs = client.search_runs(
         [experiment.experiment_id],
         filter_string=f"tags.`{KIND_TAG}` = '{SOURCES[source]}' and attributes.status = 'FINISHED'",
@@ -48,33 +52,87 @@ def select_runs(client: MlflowClient, experiment_name: str, source: str = "bench
     return [chosen[name] for name in sorted(chosen)]
 
 
-def comparison_table(runs: list) -> pd.DataFrame:
+def _metric_names(classes: list[str]) -> list[str]:
+    per_class = [f"{metric}_{name}" for name in classes for metric in ("precision", "recall", "f1")]
+    return HEADLINE + (BINARY if len(classes) == 2 else []) + per_class
+
+
+def comparison_table(runs: list, source: str = "bench") -> pd.DataFrame:
+    """One row per backbone. Every metric column says its split (val_, test_); cross-validated
+    runs give the mean over folds with its 95% CI as <column>_ci_low / _ci_high."""
     rows = []
     for run in runs:
         m, p = run.data.metrics, run.data.params
         classes = json.loads(p["class_names"])
         row = {"backbone": p["backbone"], "weights": p["weights"]}
+        if source == "cv":
+            row["folds"] = int(p["folds"])
         if run.data.tags.get("tumorbench.trial"):
             row.update({"trial": int(run.data.tags["tumorbench.trial"]), "lr1": float(p["lr1"]),
                         "lr2": float(p["lr2"]), "unfreeze": int(p["unfreeze"]), "dropout": float(p["dropout"]),
                         "head_units": int(p["head_units"])})
-        row.update({key: m.get(f"val_{key}", np.nan) for key in HEADLINE})
-        for name in classes:
-            for short, metric in (("P", "precision"), ("R", "recall"), ("F1", "f1")):
-                row[f"{short}_{name}"] = m.get(f"val_{metric}_{name}", np.nan)
-        if "test_accuracy" in m:
-            row["test_accuracy"] = m["test_accuracy"]
-            row["test_macro_f1"] = m.get("test_macro_f1", np.nan)
+        for split in ("val", "test"):
+            names = _metric_names(classes) if split == "val" else HEADLINE + (BINARY if len(classes) == 2 else [])
+            if source == "cv" and f"{split}_accuracy_mean" in m:
+                for name in names:
+                    key = f"{split}_{name}"
+                    row.update({key: m.get(f"{key}_mean", np.nan), f"{key}_ci_low": m.get(f"{key}_ci_low", np.nan),
+                                f"{key}_ci_high": m.get(f"{key}_ci_high", np.nan)})
+            elif f"{split}_accuracy" in m:
+                row.update({f"{split}_{name}": m.get(f"{split}_{name}", np.nan) for name in names})
         row.update({
             "trainable_params": int(m.get("trainable_params", 0)),
             "total_params": int(m.get("total_params", 0)),
             "train_s": m.get("train_seconds", np.nan),
             "infer_ms_per_image": m.get("inference_ms_per_image", np.nan),
-            "n_val": int(m.get("n_val", 0)),
+            ("n_images" if source == "cv" else "n_val"): int(float(p.get("n_images", m.get("n_val", 0)))),
             "run_id": run.info.run_id,
         })
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _predictions(client: MlflowClient, run, artifact: str) -> pd.DataFrame | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return pd.read_csv(client.download_artifacts(run.info.run_id, artifact, tmp))
+        except (OSError, MlflowException):
+            return None
+
+
+def paired_comparisons(client: MlflowClient, runs: list, source: str, evaluate) -> pd.DataFrame:
+    """Every pair of backbones scored on the same images: accuracy and macro-F1 differences (a - b)
+    with paired-bootstrap 95% CIs, and McNemar's exact test on which images each got right."""
+    splits = {"val" if source != "cv" else "oof": PREDICTIONS[source], "test": "predictions_test.csv"}
+    rows = []
+    for split, artifact in splits.items():
+        frames = {run.data.params["backbone"]: _predictions(client, run, artifact) for run in runs}
+        if any(frame is None for frame in frames.values()):
+            continue
+        for (name_a, a), (name_b, b) in itertools.combinations(frames.items(), 2):
+            joined = a.merge(b, on=["source", "label"], suffixes=("_a", "_b"))
+            if len(joined) != len(a) or len(joined) != len(b):
+                rows.append({"split": split, "a": name_a, "b": name_b, "n_images": len(joined),
+                             "note": "not the same images; rerun both on the same data and split"})
+                continue
+            probability_columns = [c for c in a.columns if c.startswith("prob_")]
+            pred_a = joined[[f"{c}_a" for c in probability_columns]].to_numpy().argmax(axis=1)
+            pred_b = joined[[f"{c}_b" for c in probability_columns]].to_numpy().argmax(axis=1)
+            truth = joined["label"].to_numpy()
+            row = {"split": split, "a": name_a, "b": name_b, "n_images": len(joined)}
+            for metric_name, metric in (("accuracy", skm.accuracy_score), ("macro_f1", _macro_f1)):
+                diff, low, high = stats.paired_bootstrap(truth, pred_a, pred_b, metric,
+                                                         evaluate.bootstrap_resamples, seed=0)
+                row.update({f"{metric_name}_diff": diff, f"{metric_name}_diff_ci_low": low,
+                            f"{metric_name}_diff_ci_high": high})
+            only_a, only_b, p_value = stats.mcnemar(pred_a == truth, pred_b == truth)
+            row.update({"only_a_right": only_a, "only_b_right": only_b, "mcnemar_p": p_value, "note": ""})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _macro_f1(y_true, y_pred) -> float:
+    return skm.f1_score(y_true, y_pred, average="macro", zero_division=0)
 
 
 def _cell(value) -> str:
@@ -83,43 +141,92 @@ def _cell(value) -> str:
     return str(value)
 
 
-def markdown(table: pd.DataFrame, title: str) -> str:
-    lines = [f"# {title}", "", "Validation metrics unless marked test_; from MLflow runs.", "",
-             "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+def _markdown_table(table: pd.DataFrame, leave_out: tuple = ()) -> list[str]:
+    """Rows as markdown; a column with <name>_ci_low/_ci_high beside it shows as `mean [low, high]`."""
+    shown = [c for c in table.columns if not c.endswith(("_ci_low", "_ci_high", *leave_out))]
+
+    def cell(row, column) -> str:
+        text = _cell(row[column])
+        if f"{column}_ci_low" in table.columns and not pd.isna(row[f"{column}_ci_low"]):
+            text += f" [{_cell(row[f'{column}_ci_low'])}, {_cell(row[f'{column}_ci_high'])}]"
+        return text
+
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(cell(row, c) for c in shown) + " |" for _, row in table.iterrows()]
+    return lines
+
+
+def markdown(table: pd.DataFrame, title: str, pairs: pd.DataFrame | None = None, source: str = "bench") -> str:
+    lines = [f"# {title}", "", "From MLflow runs alone. Every metric names its split: val_ (model selection: best "
+             "epoch, threshold) or test_ (scored once, never used for a choice). target_*: the threshold chosen "
+             "on validation to reach the target sensitivity, and what it gives.", ""]
+    if source == "cv":
+        lines += ["Cross-validated: mean over folds [95% CI, Student t]; folds are stratified and keep "
+                  "duplicate groups whole, the same folds for every backbone. Per-class figures: comparison.csv.", ""]
+    per_class = tuple(f"_{name}" for name in _class_names(table)) if source == "cv" else ()
+    lines += _markdown_table(table, per_class)
+    if pairs is not None and not pairs.empty:
+        lines += ["", "## Paired comparisons (same images)", "",
+                  "Difference a - b with a paired-bootstrap 95% CI over images; McNemar's exact test on the "
+                  "images only one of the two got right. A CI that includes 0 (or p >= 0.05) does not rank them."
+                  + (" oof: out-of-fold predictions, every image scored once by the fold that held it out."
+                     if source == "cv" else ""), ""]
+        lines += _markdown_table(pairs)
     return "\n".join(lines) + "\n"
 
 
-def copy_run_figures(client: MlflowClient, runs: list, out_dir: Path) -> list[Path]:
-    """Each run's training curves and confusion matrix, fetched from MLflow, as <backbone>-<figure>.png."""
+def _class_names(table: pd.DataFrame) -> list[str]:
+    return [c.removeprefix("val_recall_") for c in table.columns
+            if c.startswith("val_recall_") and not c.endswith(("_ci_low", "_ci_high"))]
+
+
+FIGURES = {"bench": ["training_curves.png", "confusion_matrix_val.png", "reliability_val.png"],
+           "sweep": ["training_curves.png", "confusion_matrix_val.png", "reliability_val.png"],
+           "cv": ["confusion_matrix_oof.png", "reliability_oof.png"]}
+
+
+def copy_run_figures(client: MlflowClient, runs: list, out_dir: Path, source: str = "bench") -> list[Path]:
+    """Each run's figures, fetched from MLflow, as <backbone>-<figure>.png (those a run lacks are skipped)."""
     copied = []
     for run in runs:
-        for figure in ("training_curves.png", "confusion_matrix_val.png"):
+        for figure in FIGURES[source]:
             with tempfile.TemporaryDirectory() as tmp:
-                local = client.download_artifacts(run.info.run_id, figure, tmp)
+                try:
+                    local = client.download_artifacts(run.info.run_id, figure, tmp)
+                except (OSError, MlflowException):
+                    continue
                 target = out_dir / f"{run.data.params['backbone']}-{figure}"
                 shutil.copyfile(local, target)
                 copied.append(target)
     return copied
 
 
-def write(table: pd.DataFrame, out_dir: Path, title: str) -> dict[str, Path]:
+def write(table: pd.DataFrame, out_dir: Path, title: str, pairs: pd.DataFrame | None = None,
+          source: str = "bench") -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": out_dir / "comparison.md", "csv": out_dir / "comparison.csv", "png": out_dir / "comparison.png"}
-    paths["md"].write_text(markdown(table, title))
+    paths["md"].write_text(markdown(table, title, pairs, source))
     table.to_csv(paths["csv"], index=False)
-    figure = plots.comparison_bars(table, ["accuracy", "macro_f1", "roc_auc"], title)
+    if pairs is not None and not pairs.empty:
+        paths["pairs"] = out_dir / "pairs.csv"
+        pairs.to_csv(paths["pairs"], index=False)
+    figure = plots.comparison_bars(table, ["val_accuracy", "val_macro_f1", "val_roc_auc"], title)
     figure.savefig(paths["png"], dpi=110)
     plots.plt.close(figure)
     return paths
 
 
-def build(client: MlflowClient, experiment_name: str, results_dir: Path, source: str = "bench"):
-    """Query MLflow, write results/<data set>/[sweep/]comparison.{md,csv,png}; returns (table, paths)."""
+def build(client: MlflowClient, experiment_name: str, results_dir: Path, source: str = "bench", evaluate=None):
+    """Query MLflow, write results/<data set>/[cv/|sweep/]comparison.{md,csv,png} (+ pairs.csv);
+    returns (table, paths)."""
+    from .config import EvaluateConfig
+
     runs = select_runs(client, experiment_name, source)
-    table = comparison_table(runs)
-    out_dir = Path(results_dir) / experiment_name / ("sweep" if source == "sweep" else "")
-    title = f"{experiment_name}: {'best sweep trial per backbone' if source == 'sweep' else 'backbone comparison'}"
-    paths = write(table, out_dir, title)
-    copy_run_figures(client, runs, out_dir)
+    table = comparison_table(runs, source)
+    pairs = paired_comparisons(client, runs, source, evaluate or EvaluateConfig()) if len(runs) > 1 else None
+    out_dir = Path(results_dir) / experiment_name / {"bench": "", "cv": "cv", "sweep": "sweep"}[source]
+    what = {"bench": "backbone comparison", "cv": "cross-validated backbone comparison",
+            "sweep": "best sweep trial per backbone"}[source]
+    paths = write(table, out_dir, f"{experiment_name}: {what}", pairs, source)
+    copy_run_figures(client, runs, out_dir, source)
     return table, paths

@@ -1,0 +1,198 @@
+"""Leakage audit: exact duplicates (same bytes) and near duplicates (perceptual hash of the decoded
+image) within and across classes and splits.
+
+Near duplicates are pairs whose 256-bit DCT hashes (pHash: grey, 64x64, lowest 16x16 frequencies
+against their median) differ in at most `max_distance` bits. Resizing, re-encoding and brightness
+changes move a hash by 0-10 bits; brain slices are alike at low frequencies, so the common 64-bit
+pHash is too coarse for them (two different phantoms can be 2 bits apart), while at 256 bits
+distinct phantoms stay 20+ apart and the 4-class set's groups barely change from 8 to 20 bits. Groups are the connected components of exact and near pairs, and the
+splitter keeps each group on one side, so no copy of a training image is ever scored.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from scipy import fft, sparse
+from scipy.sparse.csgraph import connected_components
+
+from . import cache, intake
+
+HASH_SIDE = 16  # 16x16 DCT coefficients: a 256-bit hash, stored as 32 bytes
+HASH_BYTES = HASH_SIDE * HASH_SIDE // 8
+
+
+def perceptual_hash(pixels: np.ndarray) -> np.ndarray:
+    """pHash of an (H, W, 3) uint8 image as 32 bytes: bit = low-frequency DCT coefficient above their median."""
+    grey = Image.fromarray(pixels).convert("L").resize((4 * HASH_SIDE, 4 * HASH_SIDE), Image.LANCZOS)
+    coefficients = fft.dctn(np.asarray(grey, dtype=np.float64), norm="ortho")[:HASH_SIDE, :HASH_SIDE].ravel()
+    return np.packbits(coefficients > np.median(coefficients[1:]))  # DC (mean brightness) left out of the median
+
+
+def perceptual_hashes(dataset: intake.Dataset, samples: list[intake.Sample]) -> np.ndarray:
+    """(N, 32) uint8 hashes, computed in parallel once per data set and kept in the cache."""
+    from .pipeline import samples_hash
+
+    key = {"fingerprint": dataset.fingerprint, "samples": samples_hash(samples), "hash": f"phash{HASH_SIDE}"}
+
+    def fill(out):
+        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+            out[:] = list(pool.map(lambda s: perceptual_hash(dataset.read(s)), samples))
+
+    return np.asarray(cache.cached_array("phash", key, (len(samples), HASH_BYTES), np.uint8, fill))
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bits that differ between packed hashes (broadcasting over all but the last axis)."""
+    return np.bitwise_count(a ^ b).sum(axis=-1, dtype=np.int32)
+
+
+def hamming_pairs(hashes: np.ndarray, max_distance: int, chunk: int = 256) -> tuple[np.ndarray, ...]:
+    """(i, j, distance) for every pair i < j whose hashes differ in at most `max_distance` bits."""
+    found_i, found_j, found_d = [], [], []
+    for start in range(0, len(hashes), chunk):
+        distance = hamming(hashes[start:start + chunk, None, :], hashes[None, :, :])
+        i, j = np.nonzero(distance <= max_distance)
+        i += start
+        keep = i < j
+        found_i.append(i[keep]), found_j.append(j[keep]), found_d.append(distance[i[keep] - start, j[keep]])
+    return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_d).astype(int)
+
+
+def group_ids(digests: list[str], hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """Group number per image: connected components of exact (same bytes) and near pairs."""
+    n = len(digests)
+    i, j, _ = hamming_pairs(hashes, max_distance)
+    first_with = {}
+    exact_i, exact_j = [], []
+    for index, digest in enumerate(digests):
+        if digest in first_with:
+            exact_i.append(first_with[digest]), exact_j.append(index)
+        first_with.setdefault(digest, index)
+    rows = np.concatenate([i, np.array(exact_i, dtype=int)])
+    cols = np.concatenate([j, np.array(exact_j, dtype=int)])
+    graph = sparse.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def labelled_samples(dataset: intake.Dataset) -> list[tuple[str, intake.Sample]]:
+    """(split, sample) for every image, in a fixed order."""
+    return [(split, s) for split in sorted(dataset.splits) for s in sorted(dataset.splits[split], key=lambda s: s.source)]
+
+
+def duplicate_groups(dataset: intake.Dataset, max_distance: int) -> dict[str, int]:
+    """source -> group number, for the splitter; images with no duplicate get a group of their own."""
+    samples = [s for _, s in labelled_samples(dataset)]
+    ids = group_ids([dataset.digests[s.source] for s in samples], perceptual_hashes(dataset, samples), max_distance)
+    return {s.source: int(g) for s, g in zip(samples, ids)}
+
+
+@dataclass
+class Audit:
+    """Every image that has a copy, one row each, and the counts that summarise them."""
+
+    dataset: intake.Dataset
+    max_distance: int
+    table: pd.DataFrame  # group, split, class, source, sha256, phash, exact_copies, label_conflict
+    summary: dict
+
+    def markdown(self) -> str:
+        s = self.summary
+        lines = [
+            f"# Leakage audit: {self.dataset.name}", "",
+            f"`python -m benchmark audit` on {s['images']} images ({', '.join(f'{k} {v}' for k, v in s['per_split'].items())}); "
+            f"perceptual hash pHash-256, near = Hamming distance <= {self.max_distance} bits; "
+            f"groups are connected components of exact and near pairs.", "",
+            "| finding | groups | images | copies beyond the first |", "|---|---:|---:|---:|",
+        ]
+        for label, key in (("exact duplicates (same bytes)", "exact"), ("exact or near duplicates", "near"),
+                           ("... of which within one class only", "within_class"),
+                           ("... across classes (label conflicts)", "label_conflict"),
+                           ("... across splits", "cross_split")):
+            groups, images = s[key]
+            lines.append(f"| {label} | {groups} | {images} | {images - groups} |")
+        lines += ["", f"Largest group: {s['largest_group']} images. "
+                  f"Share of images that have a copy: {s['share_with_copy']:.1%}.", "",
+                  "Splits and cross-validation folds keep every group on one side (data.group_duplicates).",
+                  "Groups are listed in duplicates.csv; duplicates.png shows example pairs.", ""]
+        return "\n".join(lines)
+
+
+def run(dataset: intake.Dataset, max_distance: int) -> Audit:
+    """Hash every image, group the copies, count them by class and split."""
+    labelled = labelled_samples(dataset)
+    samples = [s for _, s in labelled]
+    digests = [dataset.digests[s.source] for s in samples]
+    hashes = perceptual_hashes(dataset, samples)
+    ids = group_ids(digests, hashes, max_distance)
+    sizes = Counter(ids.tolist())
+    digest_counts = Counter(digests)
+    rows = [{"group": int(g), "split": split, "class": dataset.class_names[s.label], "source": s.source,
+             "sha256": digests[k], "phash": hashes[k].tobytes().hex(), "exact_copies": digest_counts[digests[k]] - 1}
+            for k, ((split, s), g) in enumerate(zip(labelled, ids)) if sizes[int(g)] > 1]
+    table = pd.DataFrame(rows, columns=["group", "split", "class", "source", "sha256", "phash", "exact_copies"])
+    per_group = table.groupby("group").agg(classes=("class", "nunique"), splits=("split", "nunique"),
+                                           images=("source", "size"))
+    table["label_conflict"] = table["group"].map(per_group["classes"] > 1).astype(bool)
+    table = table.sort_values(["group", "split", "class", "source"]).reset_index(drop=True)
+    # renumber groups 1..G in order of appearance, so the CSV reads top to bottom
+    table["group"] = table["group"].map({g: n + 1 for n, g in enumerate(table["group"].unique())})
+
+    def count(mask) -> tuple[int, int]:
+        chosen = per_group[mask]
+        return int(len(chosen)), int(chosen["images"].sum())
+
+    exact_groups = [n for n in digest_counts.values() if n > 1]
+    summary = {
+        "images": len(samples),
+        "per_split": {split: len(dataset.splits[split]) for split in sorted(dataset.splits)},
+        "exact": (len(exact_groups), int(sum(exact_groups))),
+        "near": count(per_group["images"] > 1),
+        "within_class": count(per_group["classes"] == 1),
+        "label_conflict": count(per_group["classes"] > 1),
+        "cross_split": count(per_group["splits"] > 1),
+        "largest_group": int(per_group["images"].max()) if len(per_group) else 0,
+        "share_with_copy": len(table) / max(1, len(samples)),
+    }
+    return Audit(dataset, max_distance, table, summary)
+
+
+def contact_sheet(audit: Audit, pairs: int = 12):
+    """Example pairs side by side, label conflicts first, then cross-split, then the rest."""
+    from . import plots
+
+    table = audit.table
+    if table.empty:
+        return plots.message_figure(f"{audit.dataset.name}: no duplicates at distance <= {audit.max_distance}")
+    groups = table.groupby("group")
+    ranked = sorted(groups.groups, key=lambda g: (not groups.get_group(g)["label_conflict"].iloc[0],
+                                                 groups.get_group(g)["split"].nunique() == 1, g))[:pairs]
+    shown = []
+    for g in ranked:
+        first, second = (row for _, row in groups.get_group(g).iloc[:2].iterrows())
+        distance = int(hamming(*(np.frombuffer(bytes.fromhex(row.phash), np.uint8) for row in (first, second))))
+        kind = "same bytes" if first.sha256 == second.sha256 else f"pHash distance {distance}"
+        images = [audit.dataset.read(intake.Sample(row.source, 0)) for row in (first, second)]
+        captions = [f"{row.split}/{row['class']}\n{Path(row.source).name}" for row in (first, second)]
+        shown.append((images, captions, f"group {g}: {kind}" + (" LABEL CONFLICT" if first.label_conflict else "")))
+    return plots.pair_sheet(shown, f"{audit.dataset.name}: example duplicate pairs")
+
+
+def write(audit: Audit, out_dir: Path) -> dict[str, Path]:
+    """audit.md, duplicates.csv and duplicates.png under `out_dir`."""
+    from . import plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out_dir / "audit.md", "csv": out_dir / "duplicates.csv", "png": out_dir / "duplicates.png"}
+    paths["md"].write_text(audit.markdown())
+    audit.table.to_csv(paths["csv"], index=False)
+    figure = contact_sheet(audit)
+    figure.savefig(paths["png"], dpi=90)
+    plots.plt.close(figure)
+    return paths
