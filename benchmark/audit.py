@@ -37,9 +37,7 @@ def perceptual_hash(pixels: np.ndarray) -> np.ndarray:
 
 def perceptual_hashes(dataset: intake.Dataset, samples: list[intake.Sample]) -> np.ndarray:
     """(N, 32) uint8 hashes, computed in parallel once per data set and kept in the cache."""
-    from .pipeline import samples_hash
-
-    key = {"fingerprint": dataset.fingerprint, "samples": samples_hash(samples), "hash": f"phash{HASH_SIDE}"}
+    key = {"fingerprint": dataset.fingerprint, "samples": intake.samples_hash(samples), "hash": f"phash{HASH_SIDE}"}
 
     def fill(out):
         with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
@@ -164,23 +162,27 @@ def run(dataset: intake.Dataset, max_distance: int) -> Audit:
 
 
 def contact_sheet(audit: Audit, pairs: int = 12):
-    """Example pairs side by side, label conflicts first, then cross-split, then the rest."""
+    """Example pairs side by side: label conflicts first, then pairs across splits, then the near
+    pairs furthest apart (the closest calls, to judge the threshold by)."""
     from . import plots
 
-    table = audit.table
-    if table.empty:
+    if audit.table.empty:
         return plots.message_figure(f"{audit.dataset.name}: no duplicates at distance <= {audit.max_distance}")
-    groups = table.groupby("group")
-    ranked = sorted(groups.groups, key=lambda g: (not groups.get_group(g)["label_conflict"].iloc[0],
-                                                 groups.get_group(g)["split"].nunique() == 1, g))[:pairs]
+    examples = []
+    for group, rows in audit.table.groupby("group"):
+        hashes = np.stack([np.frombuffer(bytes.fromhex(h), np.uint8) for h in rows["phash"]])
+        distances = hamming(hashes[:, None, :], hashes[None, :, :])
+        linked = np.argwhere(np.triu(distances <= audit.max_distance, 1))  # pairs that are themselves near
+        i, j = max(linked, key=lambda ij: (rows.iloc[ij[0]].split != rows.iloc[ij[1]].split, distances[tuple(ij)]))
+        first, second = rows.iloc[i], rows.iloc[j]
+        distance = int(distances[i, j])
+        examples.append((not first.label_conflict, first.split == second.split, -distance, group, first, second))
     shown = []
-    for g in ranked:
-        first, second = (row for _, row in groups.get_group(g).iloc[:2].iterrows())
-        distance = int(hamming(*(np.frombuffer(bytes.fromhex(row.phash), np.uint8) for row in (first, second))))
-        kind = "same bytes" if first.sha256 == second.sha256 else f"pHash distance {distance}"
+    for _, _, distance, group, first, second in sorted(examples)[:pairs]:
+        kind = "same bytes" if first.sha256 == second.sha256 else f"{-distance} bits apart"
         images = [audit.dataset.read(intake.Sample(row.source, 0)) for row in (first, second)]
         captions = [f"{row.split}/{row['class']}\n{Path(row.source).name}" for row in (first, second)]
-        shown.append((images, captions, f"group {g}: {kind}" + (" LABEL CONFLICT" if first.label_conflict else "")))
+        shown.append((images, captions, f"group {group}: {kind}" + (" LABEL CONFLICT" if first.label_conflict else "")))
     return plots.pair_sheet(shown, f"{audit.dataset.name}: example duplicate pairs")
 
 

@@ -216,8 +216,8 @@ def make_feed(config, prepared: Prepared, spec, size: int, weights_used: str):
         val_ds = pipeline.make_dataset(dataset, parts["val"], spec.preprocess, size, train.batch_size)
         return feeds.Streamed(train_ds, val_ds)
     key = {"backbone": spec.name, "size": size, "weights": weights_used, "augment": dataclasses.asdict(config.augment),
-           "fingerprint": dataset.fingerprint, "train": pipeline.samples_hash(parts["train"]),
-           "val": pipeline.samples_hash(parts["val"]), "policy": keras.mixed_precision.global_policy().name}
+           "fingerprint": dataset.fingerprint, "train": intake.samples_hash(parts["train"]),
+           "val": intake.samples_hash(parts["val"]), "policy": keras.mixed_precision.global_policy().name}
     return feeds.Cached(
         pipeline.decoded_images(dataset, parts["train"], size), pipeline.label_array(parts["train"], n_classes),
         None if weights is None else weights[train_labels].astype("float32"),
@@ -239,11 +239,13 @@ def build(config, prepared: Prepared, name: str, weights: str) -> Built:
     return Built(spec, size, base, model, weights_used, make_feed(config, prepared, spec, size, weights_used))
 
 
-def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = (), score_key: str = "") -> dict:
+def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = (), score_key: str = "",
+                  score_test: bool = True) -> dict:
     """Inside the active MLflow run: params, both phases, evaluation, figures, timings, the model.
 
     `callbacks` run on every epoch before the MLflow epoch logger; `score_key` (e.g. macro_f1)
-    adds that validation metric to every epoch. Returns {split: metrics, ...}.
+    adds that validation metric to every epoch; `score_test=False` (sweep trials) leaves the test
+    split unscored. Returns {split: metrics, ...}.
     """
     spec, size, model, train = built.spec, built.size, built.model, config.train
     dataset, parts = prepared.dataset, prepared.parts
@@ -254,7 +256,7 @@ def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = ()
         result = train_two_phase(model, built.base, spec, built.feed, train, n_classes,
                                  callbacks=[*callbacks, tracking.EpochLogger()], score=score)
         # Model selection (best epoch, threshold) saw validation only; test is scored once, here.
-        splits = [split for split in ("val", "test") if parts.get(split)]
+        splits = [split for split in ("val", "test") if parts.get(split) and (score_test or split == "val")]
         probabilities = {split: _predict(model, dataset, parts[split], spec, size, train.batch_size)
                          for split in splits}
         threshold = _choose_threshold(dataset, parts["val"], probabilities["val"], config.evaluate)

@@ -227,6 +227,11 @@ def _class_mapping(found: list[str], configured: list[str], where: Path) -> list
     return list(configured)
 
 
+def samples_hash(samples: list[Sample]) -> str:
+    """Which images, with which labels, in which order: part of every cache key built from them."""
+    return hashlib.sha256("\n".join(f"{s.source}\t{s.label}" for s in samples).encode()).hexdigest()[:16]
+
+
 def _fingerprint(entries: list[tuple[str, str]]) -> str:
     digest = hashlib.sha256()
     for rel, content_hash in sorted(entries):
@@ -405,12 +410,16 @@ def split(dataset: Dataset, val_fraction: float, seed: int,
     """
     given = dict(dataset.splits)
     pool = given.pop("all", None) or given.pop("train")
+    train = pool
     if "val" not in given:
         smallest = min(Counter(s.label for s in pool).values())
         k = max(2, min(round(1 / val_fraction), smallest))  # a tiny class can't fill more folds than it has images
-        pool, given["val"] = next(_grouped_folds(pool, k, seed, groups, dataset.root))
-    held_out = {name: _without_copies_of(samples, pool, groups, name) for name, samples in given.items()}
-    return {"train": pool, "val": held_out["val"], **{n: v for n, v in held_out.items() if n != "val"}}
+        train, given["val"] = next(_grouped_folds(pool, k, seed, groups, dataset.root))
+    # a given val must not copy train; test must copy neither train nor the val that chose the model
+    held_out = {"val": _without_copies_of(given["val"], train, groups, "val")}
+    held_out.update({name: _without_copies_of(samples, [*pool, *given["val"]], groups, name)
+                     for name, samples in given.items() if name != "val"})
+    return {"train": train, **held_out}
 
 
 def folds(dataset: Dataset, k: int, seed: int, groups: dict[str, int] | None = None) -> list[dict[str, list[Sample]]]:

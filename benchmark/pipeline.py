@@ -2,7 +2,6 @@
 from it, augment in training only, apply the backbone's own preprocessing, prefetch."""
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -52,13 +51,9 @@ def label_array(samples: list[intake.Sample], n_classes: int) -> np.ndarray:
     return labels.astype("float32")[:, None] if n_classes == 2 else labels.astype("int32")
 
 
-def samples_hash(samples: list[intake.Sample]) -> str:
-    return hashlib.sha256("\n".join(f"{s.source}\t{s.label}" for s in samples).encode()).hexdigest()[:16]
-
-
 def decoded_images(dataset: intake.Dataset, samples: list[intake.Sample], size: int) -> np.ndarray:
     """(N, size, size, 3) uint8, decoded in parallel once and kept memory-mapped in the cache."""
-    key = {"fingerprint": dataset.fingerprint, "size": size, "samples": samples_hash(samples)}
+    key = {"fingerprint": dataset.fingerprint, "size": size, "samples": intake.samples_hash(samples)}
 
     def fill(out):
         with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:

@@ -94,16 +94,19 @@ def message_figure(text: str):
     return fig
 
 
-def pair_sheet(pairs: list, title: str):
-    """One row per pair: ([image, image], [caption, caption], row title)."""
-    fig, axes = plt.subplots(len(pairs), 2, figsize=(5.6, 2.9 * len(pairs)), squeeze=False)
-    for (images, captions, row_title), row in zip(pairs, axes):
-        for ax, image, caption in zip(row, images, captions):
+def pair_sheet(pairs: list, title: str, per_row: int = 3):
+    """Pairs in a grid, `per_row` pairs a row: ([image, image], [caption, caption], pair title)."""
+    rows = -(-len(pairs) // per_row)
+    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(3.2 * per_row, 2.1 * rows + 0.6), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for k, (images, captions, pair_title) in enumerate(pairs):
+        row, col = divmod(k, per_row)
+        for ax, image, caption in zip(axes[row, 2 * col:2 * col + 2], images, captions):
             ax.imshow(image)
-            ax.set_title(caption, fontsize=7)
-            ax.axis("off")
-        row[0].text(-0.05, 0.5, row_title, transform=row[0].transAxes, rotation=90, ha="right", va="center",
-                    fontsize=8)
+            ax.set_title(caption, fontsize=6)
+        axes[row, 2 * col].text(1.0, -0.06, pair_title, transform=axes[row, 2 * col].transAxes, ha="center",
+                                va="top", fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -20,6 +20,7 @@ import keras
 import matplotlib.pyplot as plt
 import mlflow
 import optuna
+import sqlalchemy.exc
 import tensorflow as tf
 from mlflow.tracking import MlflowClient
 
@@ -125,7 +126,7 @@ def make_objective(config, prepared, spec, weights: str, experiment: str, parent
         with mlflow.start_run(experiment_id=experiment, run_name=f"{spec.name}-trial-{trial.number}", tags=tags):
             try:
                 outcome = bench.train_and_log(tconfig, prepared, built, callbacks=[OptunaPruning(trial, f"val_{metric}")],
-                                              score_key=metric)
+                                              score_key=metric, score_test=False)  # a study never sees test
             except optuna.TrialPruned as pruned:
                 mlflow.set_tags({"tumorbench.state": "PRUNED", "pruned": str(pruned)})
                 mlflow.log_metric("rss_mb", rss_mb())
@@ -157,7 +158,7 @@ def wait_for_study(config, name: str, timeout: float = JOIN_TIMEOUT_S) -> None:
         try:
             if STUDY_ATTR_PARENT in optuna.load_study(study_name=name, storage=storage_url(config)).user_attrs:
                 return
-        except KeyError:  # no such study yet
+        except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # no such study yet, or its schema still being made
             pass
         time.sleep(2)
     raise ConfigurationError(f"study {name!r} did not appear within {timeout:.0f} s: start worker 0 first")

@@ -45,7 +45,10 @@ def test_one_finished_run_and_row_per_backbone(benched):
     assert sorted(r.data.params["backbone"] for r in runs) == backbones.names()
     assert all(r.info.status == "FINISHED" for r in runs)
     assert sorted(table["backbone"]) == backbones.names()
-    assert paths["md"].read_text().count("\n| ") == len(backbones.names()) + 1  # header + one row each
+    n = len(backbones.names())
+    main_table, pairs_table = paths["md"].read_text().split("## Paired comparisons")
+    assert main_table.count("\n| ") == n + 1  # header + one row each
+    assert pairs_table.count("\n| ") == n * (n - 1) // 2 + 1  # header + one row per pair
     for run in runs:
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.toml", "confusion_matrix_val.png", "training_curves.png", "model",
@@ -81,14 +84,14 @@ def test_logged_metrics_equal_scikit_learn_on_the_saved_model(benched):
             assert logged[f"val_f1_{cls}"] == pytest.approx(f1[i])
             assert logged[f"val_support_{cls}"] == support[i]
         row = table.set_index("backbone").loc[spec.name]
-        assert row["accuracy"] == pytest.approx(logged["val_accuracy"])
+        assert row["val_accuracy"] == pytest.approx(logged["val_accuracy"])
 
 
 def test_predict_finds_models_by_run_id_and_best(benched):
     from benchmark import modelfile, predict
 
     config, table, _, name = benched
-    best = table.sort_values("macro_f1", ascending=False, kind="stable").iloc[0]
+    best = table.sort_values("val_macro_f1", ascending=False, kind="stable").iloc[0]
     by_best = predict.resolve_model(f"best:{name}", config.tracking)
     assert modelfile.read_description(by_best)["backbone"] == best["backbone"]
     for row in table.itertuples():
@@ -200,3 +203,78 @@ def test_missing_weights_fall_back_loudly_or_fail(tmp_path, monkeypatch, capsys)
                           'model.backbones=["vgg16"]')
     assert bench.resolve_weights(lenient) == {"vgg16": "none"}
     assert "falls back to weights 'none'" in capsys.readouterr().err
+
+
+def _artifact_frame(client, run_id, name, tmp_path):
+    return pd.read_csv(client.download_artifacts(run_id, name, str(tmp_path)))
+
+
+def test_cross_validation_parent_and_fold_runs_with_intervals_and_pairs(tmp_path):
+    from benchmark import stats
+
+    config = tiny_config(tmp_path, "data.folds=3", 'model.backbones=["vgg16", "efficientnetb0"]',
+                         'data.phantom_mode="binary"', "data.phantom_per_class=6")
+    table, paths, name = bench.run(config)
+    client = MlflowClient(tracking.tracking_uri(config.tracking))
+    experiment = client.get_experiment_by_name(name).experiment_id
+    parents = client.search_runs([experiment], "tags.`tumorbench.kind` = 'bench-cv'")
+    assert sorted(p.data.params["backbone"] for p in parents) == ["efficientnetb0", "vgg16"]
+    out_of_fold = {}
+    for parent in parents:
+        children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert sorted(c.data.tags["tumorbench.fold"] for c in children) == ["1", "2", "3"]
+        mean, low, high = stats.mean_ci([c.data.metrics["val_accuracy"] for c in children])
+        assert parent.data.metrics["val_accuracy_mean"] == pytest.approx(mean)
+        assert parent.data.metrics["val_accuracy_ci_low"] == pytest.approx(low)
+        oof = _artifact_frame(client, parent.info.run_id, "predictions_oof.csv", tmp_path / parent.info.run_id)
+        assert len(oof) == 12 and oof["source"].is_unique  # every image scored once, by the fold holding it out
+        row = table.set_index("backbone").loc[parent.data.params["backbone"]]
+        assert row["folds"] == 3 and row["val_accuracy"] == pytest.approx(mean)
+        assert row["val_accuracy_ci_high"] == pytest.approx(high)
+        out_of_fold[parent.data.params["backbone"]] = oof.sort_values("source").reset_index(drop=True)
+    assert [p.name for p in paths.values()][:2] == ["comparison.md", "comparison.csv"]
+    assert paths["md"].parent.name == "cv" and f"{table.loc[0, 'val_accuracy']:.4f} [" in paths["md"].read_text()
+    pairs = pd.read_csv(paths["pairs"])
+    assert list(pairs[["split", "a", "b"]].iloc[0]) == ["oof", "efficientnetb0", "vgg16"]
+    a, b = out_of_fold["efficientnetb0"], out_of_fold["vgg16"]
+    right_a = a[["prob_no", "prob_yes"]].to_numpy().argmax(1) == a["label"]
+    right_b = b[["prob_no", "prob_yes"]].to_numpy().argmax(1) == b["label"]
+    only_a, only_b, p = stats.mcnemar(right_a, right_b)
+    assert (pairs.loc[0, "only_a_right"], pairs.loc[0, "only_b_right"]) == (only_a, only_b)
+    assert pairs.loc[0, "mcnemar_p"] == pytest.approx(p)
+    assert pairs.loc[0, "accuracy_diff"] == pytest.approx(right_a.mean() - right_b.mean())
+
+
+def test_test_split_is_scored_with_what_validation_chose(tmp_path):
+    """The threshold for the target sensitivity comes from validation; test is scored with it, once."""
+    from PIL import Image
+
+    from benchmark import stats
+    from benchmark.phantoms import draw_slice
+
+    root = tmp_path / "data"
+    for split, count in (("train", 8), ("test", 5)):
+        for c, (label, kind) in enumerate((("no", "notumor"), ("yes", "glioma"))):
+            for i in range(count):
+                folder = root / split / label
+                folder.mkdir(parents=True, exist_ok=True)
+                pixels = draw_slice(kind, 32, np.random.default_rng(hash((split, c, i)) % 2**32))
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    config = tiny_config(tmp_path, f'data.path="{root}"', 'model.backbones=["vgg16"]', "data.val_fraction=0.25")
+    table, _, name = bench.run(config)
+    assert {"val_accuracy", "test_accuracy", "val_ece", "test_target_specificity"} <= set(table.columns)
+    client = MlflowClient(tracking.tracking_uri(config.tracking))
+    run = client.search_runs([client.get_experiment_by_name(name).experiment_id])[0]
+    logged = run.data.metrics
+    val = _artifact_frame(client, run.info.run_id, "predictions_val.csv", tmp_path / "v")
+    test = _artifact_frame(client, run.info.run_id, "predictions_test.csv", tmp_path / "t")
+    assert len(test) == 10 and set(test["source"]).isdisjoint(val["source"])
+    threshold = stats.threshold_for_sensitivity(val["label"], val["prob_yes"], 0.95)
+    assert logged["val_target_threshold"] == pytest.approx(threshold)
+    assert logged["test_target_threshold"] == pytest.approx(threshold)
+    _, specificity = stats.sensitivity_specificity(test["label"], test["prob_yes"], threshold)
+    assert logged["test_target_specificity"] == pytest.approx(specificity)
+    probabilities = test[["prob_no", "prob_yes"]].to_numpy()
+    assert logged["test_ece"] == pytest.approx(stats.expected_calibration_error(test["label"], probabilities))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"reliability_val.png", "reliability_test.png"} <= artifacts

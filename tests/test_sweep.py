@@ -6,6 +6,7 @@ import sys
 import time
 
 import optuna
+import sqlalchemy.exc
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -67,7 +68,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
     table, paths = report.build(client, "phantoms-4class", config.tracking.results_dir, source="sweep")
     assert paths["md"].parent.name == "sweep"
     assert int(table.loc[0, "trial"]) == study.best_trial.number
-    assert table.loc[0, "macro_f1"] == pytest.approx(study.best_value)
+    assert table.loc[0, "val_macro_f1"] == pytest.approx(study.best_value)
 
 
 def test_pruning_callback_reports_each_epoch_and_prunes():
@@ -116,7 +117,7 @@ def test_killed_worker_is_marked_failed_and_the_study_resumes(tmp_path):
                 continue
             try:
                 trials = optuna.load_study(study_name="phantoms-4class-vgg16", storage=storage).trials
-            except KeyError:
+            except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # not created yet, or the worker is making the schema
                 continue
             states = [t.state for t in trials]
             if STATES.COMPLETE in states and STATES.RUNNING in states:
