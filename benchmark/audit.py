@@ -5,8 +5,9 @@ Near duplicates are pairs whose 256-bit DCT hashes (pHash: grey, 64x64, lowest 1
 against their median) differ in at most `max_distance` bits. Resizing, re-encoding and brightness
 changes move a hash by 0-10 bits; brain slices are alike at low frequencies, so the common 64-bit
 pHash is too coarse for them (two different phantoms can be 2 bits apart), while at 256 bits
-distinct phantoms stay 20+ apart and the 4-class set's groups barely change from 8 to 20 bits. Groups are the connected components of exact and near pairs, and the
-splitter keeps each group on one side, so no copy of a training image is ever scored.
+distinct phantoms stay 20+ apart and the 4-class set's groups barely change from 8 to 20 bits.
+Groups are the connected components of exact and near pairs, and the splitter keeps each group
+on one side, so no copy of a training image is ever scored.
 """
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ def group_ids(digests: list[str], hashes: np.ndarray, max_distance: int) -> np.n
 
 def labelled_samples(dataset: intake.Dataset) -> list[tuple[str, intake.Sample]]:
     """(split, sample) for every image, in a fixed order."""
-    return [(split, s) for split in sorted(dataset.splits) for s in sorted(dataset.splits[split], key=lambda s: s.source)]
+    return [(split, s) for split in sorted(dataset.splits)
+            for s in sorted(dataset.splits[split], key=lambda s: s.source)]
 
 
 def duplicate_groups(dataset: intake.Dataset, max_distance: int) -> dict[str, int]:
@@ -104,7 +106,8 @@ class Audit:
         s = self.summary
         lines = [
             f"# Leakage audit: {self.dataset.name}", "",
-            f"`python -m benchmark audit` on {s['images']} images ({', '.join(f'{k} {v}' for k, v in s['per_split'].items())}); "
+            f"`python -m benchmark audit` on {s['images']} images "
+            f"({', '.join(f'{k} {v}' for k, v in s['per_split'].items())}); "
             f"perceptual hash pHash-256, near = Hamming distance <= {self.max_distance} bits; "
             f"groups are connected components of exact and near pairs.", "",
             "| finding | groups | images | copies beyond the first |", "|---|---:|---:|---:|",

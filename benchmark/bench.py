@@ -336,8 +336,8 @@ def run_cross_validated(config, folds: list[Prepared], name: str, weights: str, 
         mlflow.log_metrics({k: v for k, v in summary.items() if np.isfinite(v)})
         costs = {key: float(np.mean([outcome["costs"][key] for outcome in outcomes])) for key in outcomes[0]["costs"]}
         mlflow.log_metrics({**costs, "train_seconds": float(sum(outcome["seconds"] for outcome in outcomes))})
-        out_of_fold = pd.concat([outcome["predictions"]["val"].assign(fold=i + 1) for i, outcome in enumerate(outcomes)],
-                                ignore_index=True)
+        out_of_fold = pd.concat([outcome["predictions"]["val"].assign(fold=i + 1)
+                                 for i, outcome in enumerate(outcomes)], ignore_index=True)
         mlflow.log_text(out_of_fold.to_csv(index=False), "predictions_oof.csv")
         probabilities = out_of_fold[[f"prob_{c}" for c in first.dataset.class_names]].to_numpy()
         samples = [intake.Sample(source, int(label)) for source, label in zip(out_of_fold.source, out_of_fold.label)]

@@ -429,4 +429,5 @@ def folds(dataset: Dataset, k: int, seed: int, groups: dict[str, int] | None = N
     test = given.pop("test", None)
     pool = [s for samples in given.values() for s in samples]
     held_out = {"test": _without_copies_of(test, pool, groups, "test")} if test is not None else {}
-    return [{"train": train, "val": val, **held_out} for train, val in _grouped_folds(pool, k, seed, groups, dataset.root)]
+    return [{"train": train, "val": val, **held_out}
+            for train, val in _grouped_folds(pool, k, seed, groups, dataset.root)]

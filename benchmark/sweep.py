@@ -125,8 +125,9 @@ def make_objective(config, prepared, spec, weights: str, experiment: str, parent
                 **tracking.provenance_tags()}
         with mlflow.start_run(experiment_id=experiment, run_name=f"{spec.name}-trial-{trial.number}", tags=tags):
             try:
-                outcome = bench.train_and_log(tconfig, prepared, built, callbacks=[OptunaPruning(trial, f"val_{metric}")],
-                                              score_key=metric, score_test=False)  # a study never sees test
+                outcome = bench.train_and_log(tconfig, prepared, built,  # a study never scores test
+                                              callbacks=[OptunaPruning(trial, f"val_{metric}")],
+                                              score_key=metric, score_test=False)
             except optuna.TrialPruned as pruned:
                 mlflow.set_tags({"tumorbench.state": "PRUNED", "pruned": str(pruned)})
                 mlflow.log_metric("rss_mb", rss_mb())
