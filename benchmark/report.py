@@ -137,7 +137,11 @@ def _macro_f1(y_true, y_pred) -> float:
 
 def _cell(value) -> str:
     if isinstance(value, float | np.floating):
-        return "n/a" if np.isnan(value) else f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+        if np.isnan(value):
+            return "n/a"
+        if 0 < abs(value) < 1e-3:  # e.g. a p-value: 0.0000 would hide how small it is
+            return f"{value:.1e}"
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)
 
 
