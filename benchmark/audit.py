@@ -11,7 +11,6 @@ on one side, so no copy of a training image is ever scored.
 """
 from __future__ import annotations
 
-import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ def perceptual_hashes(dataset: intake.Dataset, samples: list[intake.Sample]) -> 
     key = {"fingerprint": dataset.fingerprint, "samples": intake.samples_hash(samples), "hash": f"phash{HASH_SIDE}"}
 
     def fill(out):
-        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        with ThreadPoolExecutor(max_workers=intake.READ_THREADS) as pool:
             out[:] = list(pool.map(lambda s: perceptual_hash(dataset.read(s)), samples))
 
     return np.asarray(cache.cached_array("phash", key, (len(samples), HASH_BYTES), np.uint8, fill))
@@ -52,22 +51,20 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(a ^ b).sum(axis=-1, dtype=np.int32)
 
 
-def hamming_pairs(hashes: np.ndarray, max_distance: int, chunk: int = 256) -> tuple[np.ndarray, ...]:
-    """(i, j, distance) for every pair i < j whose hashes differ in at most `max_distance` bits."""
-    found_i, found_j, found_d = [], [], []
+def near_pairs(hashes: np.ndarray, max_distance: int, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(i, j) for every pair i < j whose hashes differ in at most `max_distance` bits."""
+    found_i, found_j = [], []
     for start in range(0, len(hashes), chunk):
-        distance = hamming(hashes[start:start + chunk, None, :], hashes[None, :, :])
-        i, j = np.nonzero(distance <= max_distance)
+        i, j = np.nonzero(hamming(hashes[start:start + chunk, None, :], hashes[None, :, :]) <= max_distance)
         i += start
-        keep = i < j
-        found_i.append(i[keep]), found_j.append(j[keep]), found_d.append(distance[i[keep] - start, j[keep]])
-    return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_d).astype(int)
+        found_i.append(i[i < j]), found_j.append(j[i < j])
+    return np.concatenate(found_i), np.concatenate(found_j)
 
 
 def group_ids(digests: list[str], hashes: np.ndarray, max_distance: int) -> np.ndarray:
     """Group number per image: connected components of exact (same bytes) and near pairs."""
     n = len(digests)
-    i, j, _ = hamming_pairs(hashes, max_distance)
+    i, j = near_pairs(hashes, max_distance)
     first_with = {}
     exact_i, exact_j = [], []
     for index, digest in enumerate(digests):
@@ -86,11 +83,19 @@ def labelled_samples(dataset: intake.Dataset) -> list[tuple[str, intake.Sample]]
             for s in sorted(dataset.splits[split], key=lambda s: s.source)]
 
 
+def _hashed_and_grouped(dataset: intake.Dataset, max_distance: int):
+    """(split, sample) pairs, their byte digests, perceptual hashes and group numbers, in one fixed order."""
+    labelled = labelled_samples(dataset)
+    samples = [s for _, s in labelled]
+    digests = [dataset.digests[s.source] for s in samples]
+    hashes = perceptual_hashes(dataset, samples)
+    return labelled, digests, hashes, group_ids(digests, hashes, max_distance)
+
+
 def duplicate_groups(dataset: intake.Dataset, max_distance: int) -> dict[str, int]:
     """source -> group number, for the splitter; images with no duplicate get a group of their own."""
-    samples = [s for _, s in labelled_samples(dataset)]
-    ids = group_ids([dataset.digests[s.source] for s in samples], perceptual_hashes(dataset, samples), max_distance)
-    return {s.source: int(g) for s, g in zip(samples, ids)}
+    labelled, _, _, ids = _hashed_and_grouped(dataset, max_distance)
+    return {s.source: int(g) for (_, s), g in zip(labelled, ids)}
 
 
 @dataclass
@@ -127,11 +132,7 @@ class Audit:
 
 def run(dataset: intake.Dataset, max_distance: int) -> Audit:
     """Hash every image, group the copies, count them by class and split."""
-    labelled = labelled_samples(dataset)
-    samples = [s for _, s in labelled]
-    digests = [dataset.digests[s.source] for s in samples]
-    hashes = perceptual_hashes(dataset, samples)
-    ids = group_ids(digests, hashes, max_distance)
+    labelled, digests, hashes, ids = _hashed_and_grouped(dataset, max_distance)
     sizes = Counter(ids.tolist())
     digest_counts = Counter(digests)
     rows = [{"group": int(g), "split": split, "class": dataset.class_names[s.label], "source": s.source,
@@ -151,7 +152,7 @@ def run(dataset: intake.Dataset, max_distance: int) -> Audit:
 
     exact_groups = [n for n in digest_counts.values() if n > 1]
     summary = {
-        "images": len(samples),
+        "images": len(labelled),
         "per_split": {split: len(dataset.splits[split]) for split in sorted(dataset.splits)},
         "exact": (len(exact_groups), int(sum(exact_groups))),
         "near": count(per_group["images"] > 1),
@@ -159,7 +160,7 @@ def run(dataset: intake.Dataset, max_distance: int) -> Audit:
         "label_conflict": count(per_group["classes"] > 1),
         "cross_split": count(per_group["splits"] > 1),
         "largest_group": int(per_group["images"].max()) if len(per_group) else 0,
-        "share_with_copy": len(table) / max(1, len(samples)),
+        "share_with_copy": len(table) / max(1, len(labelled)),
     }
     return Audit(dataset, max_distance, table, summary)
 

@@ -46,7 +46,7 @@ def dataset_name(config) -> str:
     """Experiment and results-folder name: the data folder's name, or phantoms-<mode>."""
     if not config.data.path:
         return f"phantoms-{config.data.phantom_mode}"
-    return intake.load_dataset(config.data.path, config.data.class_names, config.data.skip_bad).name
+    return intake.data_set_name(config.data.path)
 
 
 def prepare_data(config) -> Prepared:
@@ -55,7 +55,7 @@ def prepare_data(config) -> Prepared:
     data = config.data
     path = data_path(config)
     dataset = intake.load_dataset(path, data.class_names, data.skip_bad)
-    name = dataset.name if data.path else dataset_name(config)
+    name = dataset_name(config)
     groups = audit.duplicate_groups(dataset, data.duplicate_distance) if data.group_duplicates else None
     return Prepared(dataset, intake.split(dataset, data.val_fraction, config.seed, groups), name, str(path), groups)
 
@@ -370,5 +370,5 @@ def run(config) -> tuple:
         else:
             run_backbone(config, prepared, name, weights[name], experiment)
     table, paths = report.build(client, prepared.name, Path(config.tracking.results_dir),
-                                "cv" if folds else "bench", config.evaluate)
+                                "cv" if folds else "bench", config.evaluate.bootstrap_resamples)
     return table, paths, prepared.name

@@ -104,7 +104,8 @@ def _report(args) -> int:
         config = _config(args)
         client = tracking.connect(config.tracking)
         name = args.dataset or bench.dataset_name(config)
-        _, paths = report.build(client, name, Path(config.tracking.results_dir), args.source, config.evaluate)
+        _, paths = report.build(client, name, Path(config.tracking.results_dir), args.source,
+                                config.evaluate.bootstrap_resamples)
     except (*USER_ERRORS, tracking.TrackingUnavailable, LookupError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx"}
+READ_THREADS = min(8, (os.cpu_count() or 2) * 2)  # decoding is I/O and C code: threads overlap it
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "validation": "val", "test": "test",
                "testing": "test"}
 
@@ -61,10 +64,7 @@ class Dataset:
 
     @property
     def name(self) -> str:
-        """The set's name: its folder (or .npz file); a split folder such as Training/ takes its parent's."""
-        if self.layout == "npz":
-            return self.root.stem
-        return self.root.parent.name if self.root.name.lower() in SPLIT_NAMES else self.root.name
+        return _name_of(self.root)
 
     @property
     def class_to_index(self) -> dict[str, int]:
@@ -267,7 +267,7 @@ def _read_folders(root: Path, splits: dict[str, Path], configured: list[str], sk
                 raise DataError(f"{folder / name}: class folder '{name}' holds no images")
             candidates += [(split, f, name) for f in images]
 
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
         inspected = list(pool.map(_inspect, [f for _, f, _ in candidates]))
 
     bad = [Problem(str(f), err) for (_, f, _), (err, *_rest) in zip(candidates, inspected) if err]
@@ -342,6 +342,21 @@ def _read_npz(path: Path, configured: list[str]) -> Dataset:
     return dataset
 
 
+def _name_of(root: Path) -> str:
+    """A set's name: its .npz file's stem or its folder's name; a split folder such as Training/ takes its parent's."""
+    if root.is_file():
+        return root.stem
+    return root.parent.name if root.name.lower() in SPLIT_NAMES else root.name
+
+
+def data_set_name(path: str | Path) -> str:
+    """The name `load_dataset(path).name` would give, from the folder layout alone (no image is read)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    return _name_of(path if path.is_file() else find_root(path)[0])
+
+
 def load_dataset(path: str | Path, class_names: list[str] | None = None, skip_bad: bool = False) -> Dataset:
     """Read a data set in any supported layout; raises DataError with every problem found."""
     path = Path(path)
@@ -364,8 +379,6 @@ def _group_of(samples: list[Sample], groups: dict[str, int] | None) -> list:
 def _grouped_folds(pool: list[Sample], k: int, seed: int, groups: dict[str, int] | None, where: Path):
     """k stratified folds of `pool` (sorted first, so listing order never matters) that keep every
     duplicate group whole; yields (train, val) sample lists."""
-    import warnings
-
     from sklearn.model_selection import StratifiedGroupKFold
 
     pool = sorted(pool, key=lambda s: s.source)
@@ -391,8 +404,6 @@ def _without_copies_of(samples: list[Sample], training: list[Sample], groups: di
     seen = set(_group_of(training, groups))
     kept = [s for s, g in zip(samples, _group_of(samples, groups)) if g not in seen]
     if len(kept) < len(samples):
-        import sys
-
         print(f"note: {len(samples) - len(kept)} {split_name} image(s) are duplicates of training images "
               f"and are left out of scoring (see `python -m benchmark audit`)", file=sys.stderr)
     return kept

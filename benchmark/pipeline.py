@@ -2,7 +2,6 @@
 from it, augment in training only, apply the backbone's own preprocessing, prefetch."""
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import keras
@@ -56,7 +55,7 @@ def decoded_images(dataset: intake.Dataset, samples: list[intake.Sample], size: 
     key = {"fingerprint": dataset.fingerprint, "size": size, "samples": intake.samples_hash(samples)}
 
     def fill(out):
-        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        with ThreadPoolExecutor(max_workers=intake.READ_THREADS) as pool:
             for i, pixels in enumerate(pool.map(lambda s: resize(dataset.read(s), size), samples)):
                 out[i] = pixels
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -29,13 +28,12 @@ def resolve_model(reference: str, tracking_config) -> Path:
     if Path(reference).is_file():
         return Path(reference)
     run_id = reference
-    if reference.startswith("best:"):
-        client = tracking.connect(tracking_config)
-        runs = report.select_runs(client, reference.removeprefix("best:"), "bench")
-        run_id = max(runs, key=lambda r: r.data.metrics.get("val_macro_f1", -1.0)).info.run_id
-    elif not re.fullmatch(r"[0-9a-f]{32}", reference):
+    if not (reference.startswith("best:") or re.fullmatch(r"[0-9a-f]{32}", reference)):
         raise modelfile.ModelFileError(f"{reference}: neither a model file, an MLflow run id nor best:<data set>")
     client = tracking.connect(tracking_config)
+    if reference.startswith("best:"):
+        runs = report.select_runs(client, reference.removeprefix("best:"), "bench")
+        run_id = max(runs, key=lambda r: r.data.metrics.get("val_macro_f1", -1.0)).info.run_id
     local = cache_root() / "models" / run_id / "model.keras"
     if not local.is_file():
         with tempfile.TemporaryDirectory() as download:
@@ -98,7 +96,7 @@ def run(model_path: Path, paths: list[str], batch_size: int = 32, tta: bool = Fa
     rows = []
     for start in range(0, len(files), CHUNK):
         chunk = files[start:start + CHUNK]
-        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        with ThreadPoolExecutor(max_workers=intake.READ_THREADS) as pool:
             loaded = list(pool.map(lambda p: _load(p, size), chunk))
         good = [(path, pixels) for path, (pixels, error) in zip(chunk, loaded) if not error]
         probs = (probabilities(model, spec.preprocess, np.stack([p for _, p in good]), batch_size, tta)

@@ -100,7 +100,7 @@ def _predictions(client: MlflowClient, run, artifact: str) -> pd.DataFrame | Non
             return None
 
 
-def paired_comparisons(client: MlflowClient, runs: list, source: str, evaluate) -> pd.DataFrame:
+def paired_comparisons(client: MlflowClient, runs: list, source: str, resamples: int) -> pd.DataFrame:
     """Every pair of backbones scored on the same images: accuracy and macro-F1 differences (a - b)
     with paired-bootstrap 95% CIs, and McNemar's exact test on which images each got right."""
     splits = {"val" if source != "cv" else "oof": PREDICTIONS[source], "test": "predictions_test.csv"}
@@ -121,8 +121,7 @@ def paired_comparisons(client: MlflowClient, runs: list, source: str, evaluate) 
             truth = joined["label"].to_numpy()
             row = {"split": split, "a": name_a, "b": name_b, "n_images": len(joined)}
             for metric_name, metric in (("accuracy", skm.accuracy_score), ("macro_f1", _macro_f1)):
-                diff, low, high = stats.paired_bootstrap(truth, pred_a, pred_b, metric,
-                                                         evaluate.bootstrap_resamples, seed=0)
+                diff, low, high = stats.paired_bootstrap(truth, pred_a, pred_b, metric, resamples, seed=0)
                 row.update({f"{metric_name}_diff": diff, f"{metric_name}_diff_ci_low": low,
                             f"{metric_name}_diff_ci_high": high})
             only_a, only_b, p_value = stats.mcnemar(pred_a == truth, pred_b == truth)
@@ -220,14 +219,13 @@ def write(table: pd.DataFrame, out_dir: Path, title: str, pairs: pd.DataFrame | 
     return paths
 
 
-def build(client: MlflowClient, experiment_name: str, results_dir: Path, source: str = "bench", evaluate=None):
-    """Query MLflow, write results/<data set>/[cv/|sweep/]comparison.{md,csv,png} (+ pairs.csv);
-    returns (table, paths)."""
-    from .config import EvaluateConfig
-
+def build(client: MlflowClient, experiment_name: str, results_dir: Path, source: str = "bench",
+          resamples: int = 2000):
+    """Query MLflow, write results/<data set>/[cv/|sweep/]comparison.{md,csv,png} (+ pairs.csv, with
+    `resamples` paired-bootstrap draws); returns (table, paths)."""
     runs = select_runs(client, experiment_name, source)
     table = comparison_table(runs, source)
-    pairs = paired_comparisons(client, runs, source, evaluate or EvaluateConfig()) if len(runs) > 1 else None
+    pairs = paired_comparisons(client, runs, source, resamples) if len(runs) > 1 else None
     out_dir = Path(results_dir) / experiment_name / {"bench": "", "cv": "cv", "sweep": "sweep"}[source]
     what = {"bench": "backbone comparison", "cv": "cross-validated backbone comparison",
             "sweep": "best sweep trial per backbone"}[source]
