@@ -127,7 +127,7 @@ def make_objective(config, prepared, spec, weights: str, experiment: str, parent
             try:
                 outcome = bench.train_and_log(tconfig, prepared, built,  # a study never scores test
                                               callbacks=[OptunaPruning(trial, f"val_{metric}")],
-                                              score_key=metric, score_test=False)
+                                              score_key=metric, trial=True)
             except optuna.TrialPruned as pruned:
                 mlflow.set_tags({"tumorbench.state": "PRUNED", "pruned": str(pruned)})
                 mlflow.log_metric("rss_mb", rss_mb())

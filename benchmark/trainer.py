@@ -41,16 +41,19 @@ class FailOnNaN(keras.callbacks.Callback):
 
 class EpochScore(keras.callbacks.Callback):
     """Adds `val_<key>` (e.g. val_macro_f1) to each epoch's logs, computed on the validation data,
-    so later callbacks (MLflow, Optuna pruning) see the metric a study optimises."""
+    so later callbacks (MLflow, Optuna pruning) see the metric a study optimises. Keeps each
+    epoch's validation probabilities, so a sweep trial can be scored without another pass."""
 
-    def __init__(self, val_inputs, labels, class_names, key: str):
+    def __init__(self, val_inputs, labels, class_names, key: str, by_epoch: dict):
         super().__init__()
         self.val_inputs, self.labels, self.class_names, self.key = val_inputs, labels, class_names, key
+        self.by_epoch = by_epoch
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
         probabilities = self.model.predict(self.val_inputs, verbose=0)
+        self.by_epoch[epoch] = probabilities
         if np.isfinite(probabilities).all():
             logs[f"val_{self.key}"] = metrics.compute(self.labels, probabilities, self.class_names)[self.key]
 
@@ -86,6 +89,13 @@ class TrainResult:
     trainable_params: int = 0
     seconds: float = 0.0
     phase_seconds: dict = field(default_factory=dict)  # {1: s, 2: s}, cache building included
+    # With `score`: the validation outputs of each epoch, as the fitted model saw them (cached
+    # inputs when the feed caches); best_val_outputs is the best epoch's.
+    val_outputs: dict = field(default_factory=dict)
+
+    @property
+    def best_val_outputs(self):
+        return self.val_outputs.get(self.best_epoch)
 
 
 def compile_model(model: keras.Model, n_classes: int, learning_rate: float, jit_compile="auto") -> None:
@@ -124,7 +134,7 @@ def train_two_phase(model, base, spec, feed, train_config, n_classes: int, callb
         if score:
             key, labels, class_names = score
             val_inputs = val_data[0] if isinstance(val_data, tuple) else val_data
-            scoring.append(EpochScore(val_inputs, labels, class_names, key))
+            scoring.append(EpochScore(val_inputs, labels, class_names, key, result.val_outputs))
         history = fit_model.fit(
             train_data,
             validation_data=val_data,

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, roc_auc_score
 
 import backbones
-from benchmark import bench, intake, pipeline, tracking
+from benchmark import bench, intake, metrics, pipeline, tracking
 from benchmark.config import load_config
 from benchmark.model import build_classifier
 from benchmark.trainer import TrainingFailed, train_two_phase
@@ -170,6 +170,27 @@ def test_phase_two_changes_only_the_unfrozen_groups(name, views, tmp_path):
         elif not same:
             changed_top = True
     assert changed_top, "no weight of the unfrozen group changed in phase 2"
+
+
+@pytest.mark.parametrize("name", backbones.names())
+def test_best_epoch_outputs_are_what_the_restored_model_predicts(name, tmp_path):
+    """A sweep trial is scored from the validation outputs its best epoch had; they must be the
+    restored model's predictions on the images (the cache stores the frozen prefix as float16)."""
+    spec = backbones.get(name)
+    dataset, parts = _tiny_parts(tmp_path)
+    prepared = bench.Prepared(dataset, parts, "tiny", "tiny")
+    config = load_config(None, ["train.epochs1=2", "train.epochs2=2", "train.lr1=1e-2", "train.lr2=1e-3",
+                                "train.unfreeze=1", "train.verbose=0", "train.batch_size=4", "train.cache_views=2"])
+    keras.utils.set_random_seed(0)
+    base, _ = backbones.build_base(spec, 32, "none")
+    model = build_classifier(base, 32, 2, 8, 0.0)
+    feed = bench.make_feed(config, prepared, spec, 32, "none")
+    labels = [s.label for s in parts["val"]]
+    result = train_two_phase(model, base, spec, feed, config.train, 2, score=("accuracy", labels, dataset.class_names))
+    assert sorted(result.val_outputs) == [e["epoch"] for e in result.epochs]
+    assert result.best_epoch == min(result.epochs, key=lambda e: e["val_loss"])["epoch"]
+    on_images = bench._predict(model, dataset, parts["val"], spec, 32, 4)
+    np.testing.assert_allclose(metrics.class_probabilities(result.best_val_outputs), on_images, atol=2e-3)
 
 
 def test_nan_loss_fails_the_run_loudly(tmp_path, nan_plugin):
