@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     perf_cmd.add_argument("--quick", action="store_true", help="small phantom run for a smoke check (writes nothing)")
     perf_cmd.add_argument("--data", help="data set (default: ../shared/datasets/brain-mri-yes-no when present)")
     perf_cmd.add_argument("--weights", default="none", help="weights for both sides (default none)")
-    perf_cmd.add_argument("--trials", type=int, default=0, help="sweep trials to time (default 10, quick 3)")
+    perf_cmd.add_argument("--trials", type=int, default=0, help="sweep trials to time (default 20, quick 3)")
     perf_cmd.add_argument("--out", default="results/perf.md")
     perf_cmd.set_defaults(run=_perf)
 

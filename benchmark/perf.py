@@ -1,7 +1,7 @@
 """`make perf`: this project's trainer against the seeds' way, side by side in one process.
 
 (a) baseline: the whole model every epoch, augmentation on the fly, frozen layers recomputed;
-(b) tumorbench: frozen layers computed once per augmented view and cached.
+(b), (c) tumorbench: frozen layers computed once per augmented view (4, 2) and cached.
 Same data, split, epochs, seed and weights. Then an N-trial sweep against one trial, and
 inference images/s through the predict path against the raw backbone forward.
 """
@@ -15,22 +15,30 @@ import time
 from pathlib import Path
 
 import numpy as np
+import optuna
 
 from . import bench, metrics, pipeline, predict, sweep
-from .config import load_config
+from .config import TrainConfig, load_config
 from .trainer import train_two_phase
 
 YES_NO = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "brain-mri-yes-no"
 
 
 def perf_config(quick: bool, data: str, weights: str, results_dir: str, views: int):
+    """The seeds' recipe (configs/yes-no.toml) with `views` cached views (0: streamed, the seeds' way).
+
+    Early stopping can't trigger (patience = all epochs), so every side trains the seeds' epochs
+    and the times compare the same amount of training; each keeps its best epoch by val loss.
+    """
     data = data or (str(YES_NO) if YES_NO.is_dir() and not quick else "")
     size = "64" if quick else "224"
+    epochs1, epochs2 = (2, 2) if quick else (20, 15)
     overrides = [
         f'data.path="{data}"', 'data.phantom_mode="binary"', "data.phantom_per_class=24", "data.phantom_size=64",
         f'model.weights="{weights}"', 'model.backbones=["vgg16"]', f"model.input_size={size}",
-        f"train.epochs1={2 if quick else 20}", f"train.epochs2={2 if quick else 15}", "train.verbose=0",
-        f"train.cache_views={views}", f'tracking.results_dir="{results_dir}"', "tracking.log_model=false",
+        f"train.epochs1={epochs1}", f"train.epochs2={epochs2}", f"train.patience={epochs1 + epochs2}",
+        "train.verbose=0", f"train.cache_views={views}", f'tracking.results_dir="{results_dir}"',
+        "tracking.log_model=false",
     ]
     return load_config(None, overrides)
 
@@ -70,58 +78,89 @@ def throughput(built, prepared, batch_size: int, repeats: int = 5) -> tuple[floa
     return statistics.median(timings["predict"]), statistics.median(timings["raw"])
 
 
-def run(quick: bool = False, data: str = "", weights: str = "none", trials: int = 0) -> str:
-    trials = trials or (3 if quick else 10)
-    with tempfile.TemporaryDirectory() as scratch:
-        os.environ["TUMORBENCH_CACHE"] = str(Path(scratch) / "cache")  # cold caches, counted in (b)
-        baseline_config = perf_config(quick, data, weights, scratch, views=0)
-        ours_config = perf_config(quick, data, weights, scratch, views=4)
-        prepared = bench.prepare_data(ours_config)
-        pipeline.decoded_images(prepared.dataset, prepared.parts["train"], ours_config.model.input_size)
-        print("timing (a) baseline ...", flush=True)
-        baseline = timed_run(baseline_config, prepared)
-        print("timing (b) tumorbench ...", flush=True)
-        ours = timed_run(ours_config, prepared)
-        predict_ips, raw_ips = throughput(ours["built"], prepared, ours_config.train.batch_size)
-        print(f"timing a {trials}-trial sweep ...", flush=True)
-        sweep_config = perf_config(quick, data, weights, scratch, views=4)
-        sweep_config.sweep.trials = trials
-        sweep_config.sweep.unfreeze = [0, 1]  # as configs/yes-no-sweep.toml: deeper costs ~20 min a trial here
-        started = time.perf_counter()
-        sweep.run(sweep_config)
-        sweep_seconds = time.perf_counter() - started
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far (Linux VmHWM; memory-mapped cache pages count)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 2**20
 
+
+def timed_sweep(quick: bool, data: str, weights: str, results_dir: str, trials: int) -> dict:
+    """`trials` trials of the yes/no study as configs/yes-no-sweep.toml sets it (early stopping and
+    the median pruner on, one process per trial), on the caches (b) left behind."""
+    config = perf_config(quick, data, weights, results_dir, views=4)
+    config.train.patience = TrainConfig().patience
+    config.sweep.trials = trials
+    config.sweep.unfreeze = [0, 1]  # as configs/yes-no-sweep.toml: deeper costs ~20 min a trial here
+    started = time.perf_counter()
+    sweep.run(config)
+    seconds = time.perf_counter() - started
+    study = optuna.load_study(study_name=f"{bench.dataset_name(config)}-vgg16", storage=sweep.storage_url(config))
+    states = [t.state.name.lower() for t in study.trials]
+    return {"seconds": seconds, "states": {state: states.count(state) for state in sorted(set(states))},
+            "unfreeze1": sum(t.params.get("unfreeze") == 1 for t in study.trials)}
+
+
+ARMS = (("(a) seeds' way", 0), ("(b) tumorbench, 4 views", 4), ("(c) tumorbench, 2 views", 2))
+
+
+def run(quick: bool = False, data: str = "", weights: str = "none", trials: int = 0) -> str:
+    trials = trials or (3 if quick else 20)
+    with tempfile.TemporaryDirectory() as scratch:
+        os.environ["TUMORBENCH_CACHE"] = str(Path(scratch) / "cache")  # cold caches, counted in (b) and (c)
+        configs = [perf_config(quick, data, weights, scratch, views) for _, views in ARMS]
+        prepared = bench.prepare_data(configs[0])
+        for part in ("train", "val"):
+            pipeline.decoded_images(prepared.dataset, prepared.parts[part], configs[0].model.input_size)
+        timed = []
+        for (label, _), config in zip(ARMS, configs):
+            print(f"timing {label} ...", flush=True)
+            timed.append(timed_run(config, prepared))
+        baseline, ours = timed[0], timed[1]
+        predict_ips, raw_ips = throughput(ours["built"], prepared, configs[1].train.batch_size)
+        print(f"timing a {trials}-trial sweep ...", flush=True)
+        swept = timed_sweep(quick, data, weights, scratch, trials)
+
+    config = configs[1]
     rows = [("phase 1 (s)", "phase1"), ("phase 2 (s)", "phase2"), ("set-up: build, decode (s)", "setup"),
             ("whole two-phase run (s)", "whole"), ("epochs run", "epochs"), ("validation accuracy", "accuracy")]
     lines = [
         "# Performance: tumorbench vs the seeds' pipeline",
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'this machine'}: {os.cpu_count()} CPU cores, "
-        f"{platform.processor() or platform.machine()}, no GPU{' (QUICK run)' if quick else ''}.",
-        f"Data: {prepared.name} ({len(prepared.parts['train'])} train / {len(prepared.parts['val'])} val), vgg16 "
-        f"at {ours_config.model.input_size} px, weights `{weights}`, {ours_config.train.epochs1} + "
-        f"{ours_config.train.epochs2} epochs (early stopping on), batch {ours_config.train.batch_size}, seed "
-        f"{ours_config.seed}. (a) streams every epoch through the whole model with on-the-fly augmentation; (b) "
-        f"caches the frozen layers' outputs for {ours_config.train.cache_views} augmented views (cache building "
-        "counted in its phase times).",
+        f"{platform.processor() or platform.machine()}, no GPU{' (QUICK run)' if quick else ''}; one process, "
+        "the runs one after another.",
+        f"Data: {prepared.name} ({len(prepared.parts['train'])} train / {len(prepared.parts['val'])} val, "
+        f"duplicate-aware split), vgg16 at {config.model.input_size} px, weights `{weights}`, the seeds' "
+        f"{config.train.epochs1} + {config.train.epochs2} epochs, all of them (early stopping can't trigger; "
+        f"each side keeps its best epoch by val loss), batch {config.train.batch_size}, seed {config.seed}. "
+        "(a) runs every epoch through the whole model with on-the-fly augmentation; (b) and (c) compute the "
+        "frozen layers once per augmented view and train from that cache (building it is counted in their "
+        "phase times; decoded images were cached before any timing).",
         "",
-        "| | (a) baseline | (b) tumorbench | (a) / (b) |",
-        "|---|---|---|---|",
+        "| | " + " | ".join(label for label, _ in ARMS) + " | (a) / (b) | (a) / (c) |",
+        "|---|" + "---|" * (len(ARMS) + 2),
     ]
     for label, key in rows:
-        ratio = f"{baseline[key] / ours[key]:.1f}x" if key in ("phase1", "phase2", "whole") and ours[key] else ""
         fmt = "{:.3f}" if key == "accuracy" else "{:.0f}" if key == "epochs" else "{:.1f}"
-        lines.append(f"| {label} | {fmt.format(baseline[key])} | {fmt.format(ours[key])} | {ratio} |")
+        ratios = [f"{baseline[key] / arm[key]:.1f}x" if key in ("phase1", "phase2", "whole") and arm[key] else ""
+                  for arm in timed[1:]]
+        lines.append(f"| {label} | " + " | ".join(fmt.format(arm[key]) for arm in timed) + " | "
+                     + " | ".join(ratios) + " |")
+    states = ", ".join(f"{n} {state}" for state, n in swept["states"].items())
     lines += [
         "",
-        f"Sweep: {trials} trials (unfreeze 0-1, median pruner, caches warm from (b)) took {sweep_seconds:.0f} s = "
-        f"{sweep_seconds / ours['whole']:.1f}x one (b) run ({ours['whole']:.0f} s); {trials} separate runs would "
-        f"cost {trials}x.",
+        f"Sweep: {trials} trials as configs/yes-no-sweep.toml runs them (lr1, lr2, dropout, head width, unfreeze "
+        f"0-1; early stopping patience {TrainConfig().patience}, median pruner, one process per trial, caches warm "
+        f"from (b)) took {swept['seconds']:.0f} s = {swept['seconds'] / ours['whole']:.1f}x one (b) run "
+        f"({ours['whole']:.0f} s), {swept['seconds'] / trials:.0f} s a trial; {trials} separate (b) runs would "
+        f"cost {trials}x. Trials: {states}; {swept['unfreeze1']} of them fine-tuned block5.",
         "",
-        f"Inference, batch {ours_config.train.batch_size}, median of 5 alternating runs: `predict`'s path (tf.data "
+        f"Inference, batch {config.train.batch_size}, median of 5 alternating runs: `predict`'s path (tf.data "
         f"over decoded images, preprocessing, whole model; file decoding not counted) {predict_ips:.1f} images/s; "
-        f"raw backbone forward on ready tensors "
-        f"{raw_ips:.1f} images/s; ratio {predict_ips / raw_ips:.2f}.",
+        f"raw backbone forward on ready tensors {raw_ips:.1f} images/s; ratio {predict_ips / raw_ips:.2f}.",
+        "",
+        f"Peak resident memory of this process: {peak_rss_gb():.1f} GB (VmHWM; pages of the memory-mapped caches "
+        "count).",
         "",
     ]
     return "\n".join(lines)
