@@ -45,8 +45,9 @@ sweep: install
 	rc=0; for p in $$pids; do wait $$p || rc=1; done; exit $$rc
 
 # A benchmark script, not a test: QUICK=1 for a small smoke run. PERF_ARGS e.g. "--weights hed".
+# MEMORY=path/to/4-class/Training: peak memory of a 224 px bench instead (results/perf-memory.md).
 perf: install
-	$(PY) -m benchmark perf $(if $(QUICK),--quick) $(PERF_ARGS)
+	$(PY) -m benchmark perf $(if $(QUICK),--quick) $(if $(MEMORY),--memory $(MEMORY)) $(PERF_ARGS)
 
 report: install
 	$(PY) -m benchmark report --source $(SOURCE) $(if $(DATA),--data $(DATA)) --config $(CONFIG)

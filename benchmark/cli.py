@@ -89,11 +89,15 @@ def _predict(args) -> int:
 def _perf(args) -> int:
     from . import perf
 
-    text = perf.run(quick=args.quick, data=args.data or "", weights=args.weights, trials=args.trials)
+    if args.memory:
+        text = perf.memory(args.memory)
+    else:
+        text = perf.run(quick=args.quick, data=args.data or "", weights=args.weights, trials=args.trials)
     print("\n" + text)
     if not args.quick:
-        Path(args.out).write_text(text)
-        print(f"written: {args.out}")
+        out = Path(args.out or ("results/perf-memory.md" if args.memory else "results/perf.md"))
+        out.write_text(text)
+        print(f"written: {out}")
     return 0
 
 
@@ -218,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     perf_cmd.add_argument("--data", help="data set (default: ../shared/datasets/brain-mri-yes-no when present)")
     perf_cmd.add_argument("--weights", default="none", help="weights for both sides (default none)")
     perf_cmd.add_argument("--trials", type=int, default=0, help="sweep trials to time (default 20, quick 3)")
-    perf_cmd.add_argument("--out", default="results/perf.md")
+    perf_cmd.add_argument("--memory", metavar="DATA", help="instead: peak memory of a 224 px bench of DATA "
+                          "(vgg16, resnet50; configs/four-class.toml), written to results/perf-memory.md")
+    perf_cmd.add_argument("--out", help="default results/perf.md (--memory: results/perf-memory.md)")
     perf_cmd.set_defaults(run=_perf)
 
     report_cmd = commands.add_parser("report", help="rebuild the comparison table from MLflow alone")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 
-from . import bench, metrics, pipeline, predict, sweep
+from . import bench, intake, metrics, pipeline, predict, sweep
 from .config import TrainConfig, load_config
 from .trainer import train_two_phase
 
@@ -164,3 +166,67 @@ def run(quick: bool = False, data: str = "", weights: str = "none", trials: int 
         "",
     ]
     return "\n".join(lines)
+
+
+def _memory_now(pid: int) -> dict[str, float]:
+    """GB of /proc/<pid>/status's VmRSS, RssAnon (heap, tensors) and RssFile (mapped files, caches)."""
+    with open(f"/proc/{pid}/status") as status:
+        fields = dict(line.split(":", 1) for line in status if line.startswith(("VmRSS", "RssAnon", "RssFile")))
+    return {key: int(value.split()[0]) / 2**20 for key, value in fields.items()}
+
+
+def memory(data: str, size: int = 224, views: int = 2, backbones: str = "vgg16,resnet50",
+           config_file: str = "configs/four-class.toml") -> str:
+    """Peak memory of a whole `bench` (decoding, duplicate audit, cache building, one epoch of each
+    phase, evaluation, report) on `data` at `size` px, in a child process sampled every 0.2 s.
+
+    Cold caches, so their building is inside the measurement. Epochs are 1 + 1: what an epoch
+    holds in memory is the same for every epoch, only time grows with more.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        command = [sys.executable, "-m", "benchmark", "bench", "--config", config_file, "--data", data,
+                   "--backbones", backbones]
+        for override in (f"model.input_size={size}", f"train.cache_views={views}", "train.epochs1=1",
+                         "train.epochs2=1", "train.verbose=0", f'tracking.results_dir="{scratch}"'):
+            command += ["--set", override]
+        env = {**os.environ, "TUMORBENCH_CACHE": str(Path(scratch) / "cache")}
+        started = time.perf_counter()
+        child = subprocess.Popen(command, env=env)
+        peaks = {"VmRSS": 0.0, "RssAnon": 0.0, "RssFile": 0.0}
+        while child.poll() is None:
+            try:
+                now = _memory_now(child.pid)
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                break
+            peaks = {key: max(peaks[key], now.get(key, 0.0)) for key in peaks}
+            time.sleep(0.2)
+        if child.wait() != 0:
+            raise RuntimeError(f"the measured bench failed with exit code {child.returncode}: {' '.join(command)}")
+        seconds = time.perf_counter() - started
+        on_disk = {folder.name: sum(f.stat().st_size for f in folder.glob("*.npy")) / 2**30
+                   for folder in sorted((Path(scratch) / "cache" / "arrays").iterdir())}
+    images = len(intake.load_dataset(data).digests)
+    return "\n".join([
+        f"# Memory: `bench` on {intake.data_set_name(data)} at {size} px",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'this machine'} ({os.cpu_count()} CPU cores, "
+        f"no GPU) by `python -m benchmark perf --memory {data}`: {backbones} one after another in one process, "
+        f"{images} images, {config_file} with {size} px, {views} cached views, 1 + 1 epochs, cold caches; "
+        f"{seconds / 60:.0f} min.",
+        "",
+        "| peak over the run (GB) | |",
+        "|---|---:|",
+        f"| resident (VmRSS) | {peaks['VmRSS']:.2f} |",
+        f"| anonymous: heap, tensors, arrays in RAM (RssAnon) | {peaks['RssAnon']:.2f} |",
+        f"| file-backed: memory-mapped caches and libraries (RssFile) | {peaks['RssFile']:.2f} |",
+        "",
+        "Caches written (GB on disk): " + ", ".join(f"{kind} {gb:.2f}" for kind, gb in on_disk.items()) + ".",
+        "",
+        "How it is bounded: images are decoded once into a uint8 file per input size and split, and "
+        "batches are gathered from its memory map; frozen-layer outputs are written batch by batch into "
+        "memory-mapped files and read back a batch at a time. File-backed pages are the kernel's page "
+        "cache: they count in VmRSS while memory is free and are dropped, not swapped, when it is short. "
+        "What must fit in RAM is the anonymous part: the model, one batch, and the validation split's "
+        "cached inputs, which are held in RAM for the per-epoch validation pass.",
+        "",
+    ])
