@@ -28,6 +28,10 @@ class BackboneSpec:
     imagenet_file: str = ""
     imagenet_origin: str = ""
     imagenet_hash: str = ""
+    # Weights made locally instead of downloaded: imagenet_make(path) writes imagenet_file into the
+    # Keras cache; imagenet_check(path) says whether a cached file is intact (else it is remade).
+    imagenet_make: Callable | None = None
+    imagenet_check: Callable | None = None
     extra_weights: dict[str, Callable] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 

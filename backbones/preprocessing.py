@@ -15,4 +15,9 @@ def raw(images):
     return tf.cast(images, tf.float32)
 
 
-BY_NAME = {"caffe": caffe, "raw": raw}
+def lite(images):
+    """EfficientNet-Lite's TF reference: RGB scaled to about -1..1 as (x - 127) / 128."""
+    return (tf.cast(images, tf.float32) - 127.0) / 128.0
+
+
+BY_NAME = {"caffe": caffe, "raw": raw, "lite": lite}

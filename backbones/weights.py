@@ -18,8 +18,13 @@ def keras_cache_dir() -> Path:
 
 
 def imagenet_file(spec) -> str:
-    """The cached ImageNet weights file, downloading it with Keras' own get_file when missing."""
+    """The cached ImageNet weights file, downloading it with Keras' own get_file when missing (or
+    making it locally, for a spec whose weights come from an installed package)."""
     cached = keras_cache_dir() / spec.imagenet_file
+    if spec.imagenet_make is not None:
+        if not spec.imagenet_check(cached):
+            spec.imagenet_make(cached)
+        return str(cached)
     if cached.is_file():
         return str(cached)
     try:

