@@ -17,7 +17,7 @@ import tensorflow as tf
 
 import backbones
 
-from . import audit, feeds, gradcam, intake, metrics, modelfile, pipeline, plots, report, stats, tracking
+from . import audit, feeds, gradcam, intake, metrics, modelfile, pipeline, plots, probe, report, stats, tracking
 from .model import build_classifier
 from .phantoms import phantom_dataset
 from .trainer import TrainingFailed, train_two_phase
@@ -174,6 +174,45 @@ def _log_gradcam_examples(model, spec, dataset, samples, size: int, predicted, p
                                            f"{spec.name}: Grad-CAM on validation images"), "gradcam_examples.png")
 
 
+def _pooled_features(built: Built, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """(N, F) pooled features of the base, one plain (unaugmented) pass."""
+    extractor = keras.Model(built.base.inputs, keras.layers.GlobalAveragePooling2D()(built.base.output))
+    return np.concatenate([np.asarray(extractor.predict_on_batch(built.spec.preprocess(batch)))
+                           for _, _, batch in pipeline.view_batches(images, None, 1, 0, batch_size)])
+
+
+def run_probe(config, prepared: Prepared, built: Built, score_test: bool = True) -> dict:
+    """The linear-probe baseline on the frozen base (before any fine-tuning), logged as probe_<split>_*
+    metrics with its per-image predictions; with train.head_init = "probe" it also sets the linear head
+    to it. {} for a base trained from scratch, or with evaluate.probe off and no probe head wanted."""
+    if built.from_scratch or not (config.evaluate.probe or config.train.head_init == "probe"):
+        return {}
+    dataset, parts, batch_size = prepared.dataset, prepared.parts, config.train.batch_size
+
+    def features(split):
+        return _pooled_features(built, pipeline.decoded_images(dataset, parts[split], built.size), batch_size)
+
+    if isinstance(built.feed, feeds.Cached):  # the training views phase 1 trains on, computed once
+        train_views, val_features = built.feed.pooled(built.base, built.spec)
+    else:
+        train_views, val_features = features("train")[None], features("val")
+    fitted = probe.fit(train_views, [s.label for s in parts["train"]], config.seed)
+    mlflow.log_metric("probe_C", probe.regularisation(fitted))
+    if config.train.head_init == "probe":  # LP-FT: the linear head starts at the probe
+        built.model.get_layer("head_output").set_weights(list(probe.head_weights(fitted)))
+    scores = {}
+    test = [("test", features("test"))] if parts.get("test") and score_test else []
+    for split, x in [("val", val_features)] + test:
+        probabilities = fitted.predict_proba(np.asarray(x, dtype=np.float32))
+        result = metrics.compute([s.label for s in parts[split]], probabilities, dataset.class_names,
+                                 config.evaluate.calibration_bins)
+        mlflow.log_metrics(metrics.flatten(result, f"probe_{split}"))
+        mlflow.log_text(predictions_frame(dataset, parts[split], probabilities).to_csv(index=False),
+                        f"predictions_probe_{split}.csv")
+        scores[split] = result
+    return scores
+
+
 def _inference_ms(model, dataset, samples, spec, size, batch_size) -> float:
     """Wall time per image of a second, warm pass over the validation images."""
     ds = pipeline.make_dataset(dataset, samples, spec.preprocess, size, batch_size)
@@ -194,6 +233,11 @@ class Built:
     weights_used: str
     feed: object
 
+    @property
+    def from_scratch(self) -> bool:
+        """Random init: every group and BatchNormalization train from the start (no probe)."""
+        return self.weights_used == "none"
+
 
 def set_precision(train_config) -> str:
     """mixed_float16 when asked, or on `auto` when a GPU is present; float32 otherwise."""
@@ -210,11 +254,12 @@ def make_feed(config, prepared: Prepared, spec, size: int, weights_used: str):
     n_classes = len(dataset.class_names)
     train_labels = [s.label for s in parts["train"]]
     weights = pipeline.class_weights(train_labels, n_classes) if train.class_weights else None
+    train_ds = pipeline.make_dataset(dataset, parts["train"], spec.preprocess, size, train.batch_size,
+                                     training=True, augment=config.augment, weights=weights, seed=config.seed)
+    streamed = feeds.Streamed(train_ds, pipeline.make_dataset(dataset, parts["val"], spec.preprocess, size,
+                                                              train.batch_size))
     if train.cache_views <= 0:
-        train_ds = pipeline.make_dataset(dataset, parts["train"], spec.preprocess, size, train.batch_size,
-                                         training=True, augment=config.augment, weights=weights, seed=config.seed)
-        val_ds = pipeline.make_dataset(dataset, parts["val"], spec.preprocess, size, train.batch_size)
-        return feeds.Streamed(train_ds, val_ds)
+        return streamed
     key = {"backbone": spec.name, "size": size, "weights": weights_used, "augment": dataclasses.asdict(config.augment),
            "fingerprint": dataset.fingerprint, "train": intake.samples_hash(parts["train"]),
            "val": intake.samples_hash(parts["val"]), "policy": keras.mixed_precision.global_policy().name}
@@ -223,7 +268,7 @@ def make_feed(config, prepared: Prepared, spec, size: int, weights_used: str):
         None if weights is None else weights[train_labels].astype("float32"),
         pipeline.decoded_images(dataset, parts["val"], size), pipeline.label_array(parts["val"], n_classes),
         spec.preprocess, config.augment, train.cache_views, config.seed, train.batch_size, key,
-        plan_unfreeze=train.unfreeze if train.epochs2 > 0 else 0)
+        plan_unfreeze=train.unfreeze if train.epochs2 > 0 else 0, stream=streamed)
 
 
 def build(config, prepared: Prepared, name: str, weights: str) -> Built:
@@ -235,7 +280,7 @@ def build(config, prepared: Prepared, name: str, weights: str) -> Built:
     set_precision(config.train)
     base, weights_used = backbones.build_base(spec, size, weights)
     model = build_classifier(base, size, len(prepared.dataset.class_names), config.model.head_units,
-                             config.model.dropout)
+                             config.model.dropout, from_scratch=weights_used == "none")
     return Built(spec, size, base, model, weights_used, make_feed(config, prepared, spec, size, weights_used))
 
 
@@ -254,9 +299,12 @@ def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = ()
     n_classes = len(dataset.class_names)
     score = (score_key, [s.label for s in parts["val"]], dataset.class_names) if score_key else None
     _log_params(config, prepared, spec, size, built.weights_used)
+    head_ready = train.head_init == "probe" and not built.from_scratch
+    probe_scores = {} if trial and not head_ready else run_probe(config, prepared, built, score_test=not trial)
     try:
         result = train_two_phase(model, built.base, spec, built.feed, train, n_classes,
-                                 callbacks=[*callbacks, tracking.EpochLogger()], score=score)
+                                 callbacks=[*callbacks, tracking.EpochLogger()], score=score,
+                                 from_scratch=built.from_scratch, head_ready=head_ready)
         # Model selection (best epoch, threshold) saw validation only; test is scored once, here.
         splits = ["val"] if trial else [split for split in ("val", "test") if parts.get(split)]
         reuse = trial and result.best_val_outputs is not None  # a trial's splits are val alone
@@ -291,8 +339,8 @@ def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = ()
         with tempfile.TemporaryDirectory() as workdir:
             mlflow.log_artifact(str(modelfile.save(model, Path(workdir) / "model.keras", description)), "model")
         tracking.log_json(description, "model/metadata.json")
-    return {**scores, "predictions": predictions, "costs": costs, "epochs": len(result.epochs),
-            "seconds": result.seconds}
+    return {**scores, **{f"probe_{split}": result for split, result in probe_scores.items()},
+            "predictions": predictions, "costs": costs, "epochs": len(result.epochs), "seconds": result.seconds}
 
 
 def run_backbone(config, prepared: Prepared, name: str, weights: str, experiment: str,
@@ -310,7 +358,8 @@ def run_backbone(config, prepared: Prepared, name: str, weights: str, experiment
             mlflow.end_run(status="FAILED")
             raise
         val = outcome["val"]
-        print(f"== {label:<24} val_accuracy={val['accuracy']:.4f} val_macro_f1={val['macro_f1']:.4f} "
+        probe_text = (f" (probe {outcome['probe_val']['accuracy']:.4f})" if "probe_val" in outcome else "")
+        print(f"== {label:<24} val_accuracy={val['accuracy']:.4f}{probe_text} val_macro_f1={val['macro_f1']:.4f} "
               f"val_loss={val['loss']:.4f} epochs={outcome['epochs']} time={outcome['seconds']:.1f}s "
               f"run={run.info.run_id}", flush=True)
         return {**outcome, "run_id": run.info.run_id, "weights_used": built.weights_used}
@@ -332,7 +381,7 @@ def run_cross_validated(config, folds: list[Prepared], name: str, weights: str, 
                            "n_images": sum(len(fold.parts["val"]) for fold in folds)})
         mlflow.log_text(config.to_toml(), "config.toml")
         summary = {}
-        for split in ("val", "test"):
+        for split in ("val", "test", "probe_val", "probe_test"):
             per_fold = [metrics.flatten(outcome[split], split) for outcome in outcomes if split in outcome]
             for key in sorted(set().union(*per_fold)) if per_fold else []:
                 mean, low, high = stats.mean_ci([scores.get(key, np.nan) for scores in per_fold])

@@ -64,6 +64,12 @@ class TrainConfig:
     lr_factor: float = 0.2
     lr_patience: int = 3
     min_lr: float = 1e-6
+    # Phase 1: "train" fits the head with Adam at lr1 for up to epochs1 epochs; "probe" sets a linear
+    # head (model.head_units = 0) to the linear probe's logistic regression, fitted in closed form
+    # on the cached features, and skips those epochs (LP-FT: fine-tuning starts from the probe).
+    head_init: str = "train"
+    weight_decay: float = 0.0  # phase 2: AdamW with this decoupled weight decay (0: Adam)
+    schedule2: str = "plateau"  # phase 2 learning rate: plateau (ReduceLROnPlateau) | cosine (decay to 0)
     class_weights: bool = True
     verbose: int = 2  # Keras progress display: 0 silent, 1 bar, 2 one line per epoch
     # Frozen layers computed once and cached (0: stream every epoch through the whole model, as the
@@ -76,6 +82,9 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
+    # Linear-probe baseline beside every pretrained run: L2 logistic regression on the frozen pooled
+    # features (the cached training views), its regularisation chosen by CV on the training images.
+    probe: bool = True
     # 2 classes: also choose on validation the threshold reaching this sensitivity and report the
     # specificity it costs (test, if any, is scored with that same threshold); 0 = off.
     target_sensitivity: float = 0.95

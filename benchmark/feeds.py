@@ -19,7 +19,7 @@ from . import cache, pipeline
 
 @dataclass
 class Streamed:
-    """Every epoch runs the whole model over the tf.data pipeline."""
+    """Every epoch runs the whole model over the tf.data pipeline (fresh augmentation each epoch)."""
 
     train_ds: object
     val_ds: object
@@ -77,7 +77,9 @@ class Cached:
     and trial sharing the key (backbone, input size, weights, augmentation, views, data)."""
 
     def __init__(self, train_images, train_labels, train_weights, val_images, val_labels, preprocess, augment,
-                 views: int, seed: int, batch_size: int, key: dict, plan_unfreeze: int = 0):
+                 views: int, seed: int, batch_size: int, key: dict, plan_unfreeze: int = 0,
+                 stream: Streamed | None = None):
+        self.stream = stream  # used when nothing is frozen: caching the input saves nothing then
         self.train_images, self.val_images = train_images, val_images
         self.train_labels, self.val_labels, self.train_weights = train_labels, val_labels, train_weights
         self.preprocess, self.augment, self.seed, self.batch_size = preprocess, augment, seed, batch_size
@@ -127,9 +129,20 @@ class Cached:
                     entries[k][0].discard()
         return arrays
 
+    def pooled(self, base, spec) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled base features: train (views, N, F) of the augmented views, val (N, F)."""
+        arrays = self._arrays(base, spec, 0)
+        return arrays[("pooled", "train")], np.asarray(arrays[("pooled", "val")][0])
+
     def phase(self, model, base, spec, unfreeze: int):
-        """(model to fit, training batches, validation data) for a phase with `unfreeze` top groups."""
-        arrays = self._arrays(base, spec, unfreeze or self.plan_unfreeze)
+        """(model to fit, training batches, validation data) for a phase with `unfreeze` top groups.
+
+        With every group trainable there is nothing frozen to cache: the whole model trains on the
+        streamed images, with fresh augmentation every epoch."""
+        if self.stream is not None and boundary_layer(base, spec, unfreeze) is None:
+            return self.stream.phase(model, base, spec, unfreeze)
+        plan = self.plan_unfreeze if boundary_layer(base, spec, self.plan_unfreeze) is not None else 0
+        arrays = self._arrays(base, spec, unfreeze or plan)
         name = "prefix" if unfreeze > 0 else "pooled"
         train, val = arrays[(name, "train")], arrays[(name, "val")]
         inputs = keras.Input(train.shape[2:], name=f"cached_{name}")

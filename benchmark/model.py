@@ -5,14 +5,16 @@ import keras
 
 
 def build_classifier(base: keras.Model, input_size: int, n_classes: int, head_units: int = 256,
-                     dropout: float = 0.5) -> keras.Model:
+                     dropout: float = 0.5, from_scratch: bool = False) -> keras.Model:
     """GlobalAveragePooling -> Dense(head_units, relu) -> Dropout -> softmax (or one sigmoid for 2 classes).
 
-    The base is called with training=False so its BatchNormalization layers stay in inference
-    mode even when unfrozen (Keras transfer-learning guide).
+    A pretrained base is called with training=False so its BatchNormalization layers stay in
+    inference mode even when unfrozen (Keras transfer-learning guide): their ImageNet statistics
+    are part of the weights. A base trained `from_scratch` has no statistics worth keeping, so its
+    BatchNormalization layers normalise with batch statistics while training.
     """
     inputs = keras.Input((input_size, input_size, 3), name="image")
-    x = base(inputs, training=False)
+    x = base(inputs) if from_scratch else base(inputs, training=False)
     x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
     if head_units:
         x = keras.layers.Dense(head_units, activation="relu", name="head_dense")(x)
@@ -30,12 +32,13 @@ def unfrozen_groups(spec, unfreeze: int) -> list[str]:
     return spec.group_names[len(spec.group_names) - min(max(unfreeze, 0), len(spec.group_names)):]
 
 
-def set_trainable(base: keras.Model, spec, unfreeze: int) -> list[str]:
-    """Freeze the base except the last `unfreeze` groups; BatchNormalization always stays frozen."""
+def set_trainable(base: keras.Model, spec, unfreeze: int, train_batchnorm: bool = False) -> list[str]:
+    """Freeze the base except the last `unfreeze` groups; BatchNormalization stays frozen unless
+    `train_batchnorm` (a base trained from scratch)."""
     groups = set(unfrozen_groups(spec, unfreeze))
     base.trainable = bool(groups)
     for layer in base.layers:
-        layer.trainable = spec.group_of(layer.name) in groups and not isinstance(
-            layer, keras.layers.BatchNormalization)
+        layer.trainable = spec.group_of(layer.name) in groups and (
+            train_batchnorm or not isinstance(layer, keras.layers.BatchNormalization))
     return sorted(groups, key=spec.group_names.index)
 

@@ -64,7 +64,7 @@ def comparison_table(runs: list, source: str = "bench") -> pd.DataFrame:
     for run in runs:
         m, p = run.data.metrics, run.data.params
         classes = json.loads(p["class_names"])
-        row = {"backbone": p["backbone"], "weights": p["weights"]}
+        row = {"backbone": p["backbone"], "weights": "scratch" if p["weights"] == "none" else p["weights"]}
         if source == "cv":
             row["folds"] = int(p["folds"])
         if run.data.tags.get("tumorbench.trial"):
@@ -80,6 +80,7 @@ def comparison_table(runs: list, source: str = "bench") -> pd.DataFrame:
                                 f"{key}_ci_high": m.get(f"{key}_ci_high", np.nan)})
             elif f"{split}_accuracy" in m:
                 row.update({f"{split}_{name}": m.get(f"{split}_{name}", np.nan) for name in names})
+        _add_probe(row, m, source)
         row.update({
             "trainable_params": int(m.get("trainable_params", 0)),
             "total_params": int(m.get("total_params", 0)),
@@ -90,6 +91,28 @@ def comparison_table(runs: list, source: str = "bench") -> pd.DataFrame:
         })
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+PROBE = ["accuracy", "macro_f1"]
+
+
+def _add_probe(row: dict, m: dict, source: str) -> None:
+    """The linear-probe baseline's accuracy and macro-F1 beside the fine-tuned ones, and a flag when
+    fine-tuning ended below its own probe (a recipe bug, not a finding)."""
+    suffix = "_mean" if source == "cv" else ""
+    for split in ("val", "test"):
+        for name in PROBE:
+            key = f"probe_{split}_{name}"
+            if f"{key}{suffix}" in m:
+                row[key] = m[f"{key}{suffix}"]
+                if source == "cv":
+                    row.update({f"{key}_ci_low": m.get(f"{key}_ci_low", np.nan),
+                                f"{key}_ci_high": m.get(f"{key}_ci_high", np.nan)})
+    if "probe_val_accuracy" in row:
+        below = [name for name in PROBE if row.get(f"val_{name}", np.nan) < row[f"probe_val_{name}"]]
+        row["vs_probe"] = ("BELOW PROBE: " + ", ".join(below)) if below else "above or equal"
+    else:
+        row["vs_probe"] = "no probe (scratch)" if row.get("weights") == "scratch" else "no probe"
 
 
 def _predictions(client: MlflowClient, run, artifact: str) -> pd.DataFrame | None:
@@ -162,7 +185,10 @@ def _markdown_table(table: pd.DataFrame, leave_out: tuple = ()) -> list[str]:
 def markdown(table: pd.DataFrame, title: str, pairs: pd.DataFrame | None = None, source: str = "bench") -> str:
     lines = [f"# {title}", "", "From MLflow runs alone. Every metric names its split: val_ (model selection: best "
              "epoch, threshold) or test_ (scored once, never used for a choice). target_*: the threshold chosen "
-             "on validation to reach the target sensitivity, and what it gives.", ""]
+             "on validation to reach the target sensitivity, and what it gives. probe_*: the linear-probe "
+             "baseline (logistic regression on the frozen pretrained features, regularisation chosen on the "
+             "training images only); vs_probe flags a fine-tuned model below it. weights: `none` is random "
+             "init trained from scratch (BatchNorm in training mode, every layer trainable, no probe).", ""]
     if source == "cv":
         lines += ["Cross-validated: mean over folds [95% CI, Student t]; folds are stratified and keep "
                   "duplicate groups whole, the same folds for every backbone. Per-class figures: comparison.csv.", ""]

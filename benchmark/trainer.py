@@ -75,6 +75,14 @@ class KeepBest(keras.callbacks.Callback):
             self.best, self.best_epoch = float(val_loss), epoch
             self.weights = self.classifier.get_weights()
 
+    def consider(self, model, fit_model, val_data, n_classes: int, epoch: int):
+        """Count the current weights (before any epoch) as a candidate, scored on `val_data`."""
+        compile_model(fit_model, n_classes, make_optimizer(1e-3), "off")
+        x, y = val_data if isinstance(val_data, tuple) else (val_data, None)
+        val_loss = fit_model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
+        if val_loss < self.best:
+            self.best, self.best_epoch, self.weights = float(val_loss), epoch, model.get_weights()
+
     def restore(self):
         if self.weights is not None:
             self.classifier.set_weights(self.weights)
@@ -98,37 +106,78 @@ class TrainResult:
         return self.val_outputs.get(self.best_epoch)
 
 
-def compile_model(model: keras.Model, n_classes: int, learning_rate: float, jit_compile="auto") -> None:
+def make_optimizer(learning_rate: float, weight_decay: float = 0.0, decay_steps: int = 0):
+    """Adam, or AdamW when `weight_decay` > 0; cosine decay to 0 over `decay_steps` when given."""
+    schedule = (keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps) if decay_steps > 0
+                else learning_rate)
+    if weight_decay > 0:
+        return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
+    return keras.optimizers.Adam(schedule)
+
+
+def compile_model(model: keras.Model, n_classes: int, optimizer, jit_compile="auto") -> None:
     if n_classes == 2:
         loss, accuracy = "binary_crossentropy", keras.metrics.BinaryAccuracy(name="accuracy")
     else:
         loss, accuracy = "sparse_categorical_crossentropy", keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=[accuracy],
+    model.compile(optimizer=optimizer, loss=loss, metrics=[accuracy],
                   jit_compile={"on": True, "off": False, "auto": "auto"}[jit_compile])
 
 
+def _batches_per_epoch(train_data) -> int:
+    try:
+        return len(train_data)
+    except TypeError:
+        return max(int(train_data.cardinality()), 1)
+
+
 def train_two_phase(model, base, spec, feed, train_config, n_classes: int, callbacks: list = (),
-                    score: tuple | None = None) -> TrainResult:
+                    score: tuple | None = None, from_scratch: bool = False, head_ready: bool = False) -> TrainResult:
     """Run both phases on `model` (whose base is `base`), fed by `feed` (feeds.Streamed or
     feeds.Cached). `callbacks` see every epoch of both; `score` = (key, labels, class_names)
-    adds val_<key> to each epoch's logs before them."""
+    adds val_<key> to each epoch's logs before them. A base trained `from_scratch` has every
+    group and its BatchNormalization trainable in both phases (nothing there is worth freezing).
+
+    Phase 1 is the linear-probe half of LP-FT (Kumar et al. 2022): on cached features its epochs
+    cost almost nothing, so it runs to convergence (early stopping on validation loss) and phase 2
+    fine-tunes from a trained head instead of distorting the features to fit a random one. Phase 2
+    uses cosine decay of lr2 over its epochs when `schedule2 = "cosine"`, else ReduceLROnPlateau;
+    AdamW when `weight_decay` > 0. With `head_ready` the head was already fitted (the linear probe):
+    phase 1 is skipped, and that starting point counts as a candidate for the best weights, so
+    fine-tuning can't end on weights with a higher validation loss than the probe's.
+    """
     cfg = train_config
     result = TrainResult()
     keep_best, nan_guard = KeepBest(model), FailOnNaN()
     started = time.perf_counter()
     epoch = 0
-    phases = [(1, 0, cfg.lr1, cfg.epochs1), (2, cfg.unfreeze, cfg.lr2, cfg.epochs2)]
+    every_group = len(spec.group_names)
+    phases = [(1, every_group if from_scratch else 0, cfg.lr1, cfg.epochs1),
+              (2, every_group if from_scratch else cfg.unfreeze, cfg.lr2, cfg.epochs2)]
     for phase, unfreeze, learning_rate, epochs in phases:
         phase_started = time.perf_counter()
+        if phase == 1 and head_ready:
+            continue
         if phase == 2:
             if epochs <= 0 or unfreeze <= 0:
                 break
             result.phase2_start = epoch
-        unfrozen = set_trainable(base, spec, unfreeze)
+            print(f"-- {spec.name}: phase 2 from epoch {epoch + 1}: fine-tuning the top {unfreeze} layer group(s) "
+                  f"at lr {learning_rate:g}" + (" (cosine decay)" if cfg.schedule2 == "cosine" else ""), flush=True)
+        else:
+            print(f"-- {spec.name}: phase 1: " + ("every layer trains (from scratch)" if from_scratch
+                                                  else "head on the frozen base") + f" at lr {learning_rate:g}",
+                  flush=True)
+        unfrozen = set_trainable(base, spec, unfreeze, train_batchnorm=from_scratch)
         if phase == 2:
             result.unfrozen = unfrozen
         fit_model, train_data, val_data = feed.phase(model, base, spec, unfreeze)
-        compile_model(fit_model, n_classes, learning_rate, cfg.jit_compile)
+        if phase == 2 and head_ready and epoch == 0:
+            keep_best.consider(model, fit_model, val_data, n_classes, epoch=-1)
+        cosine = phase == 2 and cfg.schedule2 == "cosine"
+        decay_steps = epochs * _batches_per_epoch(train_data) if cosine else 0
+        compile_model(fit_model, n_classes, make_optimizer(learning_rate, cfg.weight_decay if phase == 2 else 0.0,
+                                                           decay_steps), cfg.jit_compile)
         result.trainable_params = sum(int(np.prod(w.shape)) for w in fit_model.trainable_weights)
         scoring = []
         if score:
@@ -146,8 +195,8 @@ def train_two_phase(model, base, spec, feed, train_config, n_classes: int, callb
                 nan_guard,
                 keep_best,
                 keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience),
-                keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=cfg.lr_factor,
-                                                  patience=cfg.lr_patience, min_lr=cfg.min_lr),
+                *([] if cosine else [keras.callbacks.ReduceLROnPlateau(
+                    monitor="val_loss", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr)]),
                 *scoring,
                 *callbacks,
             ],
