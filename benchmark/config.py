@@ -179,8 +179,87 @@ def _parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
+# Values that can't be meant, per key: (check, what is allowed). Checked after every merge.
+def _positive(v):
+    return v > 0
+
+
+def _at_least(n):
+    return lambda v: v >= n
+
+
+def _one_of(*names):
+    return (lambda v: v in names), "one of " + ", ".join(repr(n) for n in names)
+
+
+def _range_pair(v):
+    return len(v) == 2 and v[0] <= v[1]
+
+
+RULES: dict[str, tuple] = {
+    "seed": (_at_least(0), ">= 0"),
+    "data.phantom_mode": _one_of("4class", "binary"),
+    "data.phantom_per_class": (_at_least(2), ">= 2"),
+    "data.phantom_size": (_at_least(16), ">= 16"),
+    "data.val_fraction": (lambda v: 0 < v < 1, "between 0 and 1, exclusive"),
+    "data.folds": (lambda v: v == 0 or v >= 2, "0 (no cross-validation) or >= 2"),
+    "data.duplicate_distance": (lambda v: 0 <= v <= 256, "0..256 bits"),
+    "model.backbones": (lambda v: len(v) > 0, "at least one backbone"),
+    "model.input_size": (lambda v: v == 0 or v >= 16, "0 (the backbone's default) or >= 16 pixels"),
+    "model.head_units": (_at_least(0), ">= 0 (0: a linear head)"),
+    "model.dropout": (lambda v: 0 <= v < 1, "0 <= dropout < 1"),
+    "augment.rotation_degrees": (lambda v: 0 <= v <= 180, "0..180 degrees"),
+    "augment.shift": (lambda v: 0 <= v < 1, "0 <= shift < 1"),
+    "augment.shear": (lambda v: 0 <= v < 1, "0 <= shear < 1"),
+    "augment.zoom": (lambda v: 0 <= v < 1, "0 <= zoom < 1"),
+    "train.batch_size": (_positive, "> 0"),
+    "train.lr1": (_positive, "> 0"),
+    "train.lr2": (_positive, "> 0"),
+    "train.epochs1": (_at_least(0), ">= 0"),
+    "train.epochs2": (_at_least(0), ">= 0"),
+    "train.unfreeze": (_at_least(0), ">= 0 layer groups"),
+    "train.patience": (_at_least(1), ">= 1"),
+    "train.lr_factor": (lambda v: 0 < v < 1, "between 0 and 1, exclusive"),
+    "train.lr_patience": (_at_least(1), ">= 1"),
+    "train.min_lr": (_at_least(0), ">= 0"),
+    "train.head_init": _one_of("train", "probe"),
+    "train.weight_decay": (_at_least(0), ">= 0"),
+    "train.schedule2": _one_of("plateau", "cosine"),
+    "train.verbose": _one_of(0, 1, 2),
+    "train.cache_views": (_at_least(0), ">= 0 (0: stream)"),
+    "train.mixed_precision": _one_of("auto", "on", "off"),
+    "train.jit_compile": _one_of("auto", "on", "off"),
+    "evaluate.target_sensitivity": (lambda v: 0 <= v < 1, "0 (off) or a sensitivity below 1"),
+    "evaluate.calibration_bins": (_at_least(2), ">= 2"),
+    "evaluate.bootstrap_resamples": (_at_least(100), ">= 100"),
+    "sweep.trials": (_at_least(1), ">= 1"),
+    "sweep.pruner": _one_of("median", "hyperband", "none"),
+    "sweep.heartbeat_seconds": (_at_least(1), ">= 1"),
+    "sweep.lr1": (lambda v: _range_pair(v) and v[0] > 0, "[low, high] with 0 < low <= high"),
+    "sweep.lr2": (lambda v: _range_pair(v) and v[0] > 0, "[low, high] with 0 < low <= high"),
+    "sweep.unfreeze": (lambda v: len(v) == 2 and v[0] >= 0 and (v[1] == -1 or v[0] <= v[1]),
+                       "[low, high] groups, high = -1 for all"),
+    "sweep.dropout": (lambda v: _range_pair(v) and v[0] >= 0 and v[1] < 1, "[low, high] within 0..1"),
+    "sweep.head_units": (lambda v: _range_pair(v) and v[0] >= 0, "[low, high] with 0 <= low <= high"),
+}
+
+
+def validate(config: Config) -> Config:
+    """Refuse values that can't be meant, naming the key, the value and what is allowed."""
+    for key, (check, allowed) in RULES.items():
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        if not check(value):
+            raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
+    if config.train.head_init == "probe" and config.model.head_units:
+        raise ConfigError(f"train.head_init = 'probe' sets a linear head to the linear probe: it needs "
+                          f"model.head_units = 0 (got {config.model.head_units})")
+    return config
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the TOML file at `path`, then `overrides` ('section.key=value')."""
+    """Defaults, then the TOML file at `path`, then `overrides` ('section.key=value'); validated."""
     config = Config()
     if path:
         path = Path(path)
@@ -197,7 +276,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         for key in reversed(keys[:-1]):
             nested = {key: nested}
         _merge(config, nested, f"override {text!r}")
-    return config
+    return validate(config)
 
 
 def to_toml(values: dict, prefix: str = "") -> str:

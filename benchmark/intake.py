@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 import warnings
+import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -106,8 +108,26 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
+# Decompression bombs: Pillow's own limit (2 x Image.MAX_IMAGE_PIXELS = 178,956,970 pixels), kept
+# deliberately rather than made a setting: MRI slices are at most a few megapixels, and Pillow checks
+# it from the header in Image.open, before any pixel is allocated.
+_BOMB = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+) pixels")
+
+
+def _bomb_reason(err: Exception) -> str:
+    found = _BOMB.search(str(err))
+    if not found:
+        return f"decompression bomb ({err})"
+    pixels, limit = (int(n) for n in found.groups())
+    return f"decompression bomb: {pixels:,} pixels, limit {limit:,}"
+
+
 def _decode(path: Path) -> tuple[np.ndarray, str, tuple[int, int]]:
-    """(RGB array, original mode, size); decoding fully catches truncation. Raises _BadImage(reason)."""
+    """(RGB array, original mode, size); decoding fully catches truncation. Raises _BadImage(reason).
+
+    Every exception a decoder raises on a hostile or broken file (Pillow raises OSError, SyntaxError,
+    ValueError, struct.error, EOFError, DecompressionBombError, ...) is this file's problem, never the
+    run's: it becomes the reason, and the other files are still read and named."""
     try:
         if path.stat().st_size == 0:
             raise _BadImage("zero-byte file")
@@ -115,10 +135,16 @@ def _decode(path: Path) -> tuple[np.ndarray, str, tuple[int, int]]:
             mode, size = image.mode, image.size
             image.load()
             return to_rgb(image), mode, size
+    except _BadImage:
+        raise
     except UnidentifiedImageError:
         raise _BadImage("not an image (no decoder recognises its contents)") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise _BadImage(f"corrupt or truncated image ({err})") from None
+    except Image.DecompressionBombError as err:
+        raise _BadImage(_bomb_reason(err)) from None
+    except MemoryError:
+        raise _BadImage("too large to decode in memory") from None
+    except Exception as err:  # noqa: BLE001  (any decoder failure is a per-file error)
+        raise _BadImage(f"corrupt or truncated image ({type(err).__name__}: {err})") from None
 
 
 def load_rgb(path: Path) -> np.ndarray:
@@ -305,8 +331,8 @@ def _read_npz(path: Path, configured: list[str]) -> Dataset:
             stored_names = [str(n) for n in archive["class_names"]] if "class_names" in archive else []
     except DataError:
         raise
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: unreadable .npz file ({err})") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path}: unreadable .npz file ({type(err).__name__}: {err})") from None
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise DataError(f"{path}: X must be (N, H, W, C) with C = 1 or 3, got shape {x.shape}")
     if y.ndim == 2:

@@ -32,6 +32,20 @@ def write_image(path: Path, mode: str = "L", size=(24, 20), seed: int = 0, fmt: 
     return path
 
 
+def bomb_png(path: Path, side: int = 15000) -> Path:
+    """A ~100-byte PNG whose header claims side x side pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    return path
+
+
 def image_folder(root: Path, classes=("no", "yes"), per_class: int = 4, size=(24, 20)) -> Path:
     for c, name in enumerate(classes):
         for i in range(per_class):

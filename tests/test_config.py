@@ -54,3 +54,31 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     assert tracking.tracking_uri(config.tracking) == "http://team-server:5000"
     config.tracking.uri = "sqlite:////elsewhere.db"
     assert tracking.tracking_uri(config.tracking) == "sqlite:////elsewhere.db"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs1=-3", "train.epochs1 = -3 is not allowed: >= 0"),
+    ("train.batch_size=0", "train.batch_size = 0 is not allowed: > 0"),
+    ("train.lr1=0", "train.lr1 = 0.0 is not allowed: > 0"),
+    ("train.lr2=-1e-5", "train.lr2 = -1e-05 is not allowed: > 0"),
+    ("data.val_fraction=1.0", "data.val_fraction = 1.0 is not allowed: between 0 and 1"),
+    ("data.val_fraction=0", "data.val_fraction = 0.0 is not allowed"),
+    ("data.folds=1", "data.folds = 1 is not allowed: 0 (no cross-validation) or >= 2"),
+    ("model.dropout=1.0", "model.dropout = 1.0 is not allowed"),
+    ("train.schedule2=\"linear\"", "train.schedule2 = 'linear' is not allowed: one of 'plateau', 'cosine'"),
+    ("train.cache_views=-1", "train.cache_views = -1 is not allowed"),
+    ("sweep.pruner=\"asha\"", "sweep.pruner = 'asha' is not allowed: one of 'median', 'hyperband', 'none'"),
+    ("sweep.lr1=[1e-2, 1e-5]", "sweep.lr1 = [0.01, 1e-05] is not allowed"),
+    ("model.backbones=[]", "model.backbones = [] is not allowed: at least one backbone"),
+    ("train.head_init=\"probe\"", "needs model.head_units = 0 (got 256)"),
+])
+def test_values_that_cant_be_meant_are_refused_by_name(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_every_shipped_config_is_valid():
+    from pathlib import Path
+    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*.toml")):
+        load_config(path)

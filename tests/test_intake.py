@@ -12,7 +12,7 @@ from PIL import Image
 
 from benchmark import intake
 from benchmark.intake import DataError, load_dataset
-from conftest import SHARED, clean_env, image_folder, write_image
+from conftest import SHARED, bomb_png, clean_env, image_folder, write_image
 
 
 def tree_digest(root: Path) -> str:
@@ -72,6 +72,7 @@ def with_bad_files(tmp_path):
     (root / "yes" / "truncated.png").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     (root / "no" / "empty.png").write_bytes(b"")
     (root / "no" / "text.png").write_text("not an image at all")
+    bomb_png(root / "no" / "bomb.png")
     return root
 
 
@@ -80,9 +81,10 @@ def test_bad_files_are_all_named_with_reasons(with_bad_files):
     with pytest.raises(DataError) as err:
         load_dataset(with_bad_files)
     message = str(err.value)
-    assert "4 unreadable file(s)" in message
+    assert "5 unreadable file(s)" in message
     for name, reason in [("corrupt.jpg", "not an image"), ("truncated.png", "truncated"),
-                         ("empty.png", "zero-byte"), ("text.png", "not an image")]:
+                         ("empty.png", "zero-byte"), ("text.png", "not an image"),
+                         ("bomb.png", "decompression bomb: 225,000,000 pixels, limit 178,956,970")]:
         line = next(line for line in message.splitlines() if name in line)
         assert reason in line
     assert tree_digest(with_bad_files) == before  # only ever read
@@ -92,7 +94,53 @@ def test_skip_bad_leaves_them_out_and_counts_them(with_bad_files):
     dataset = load_dataset(with_bad_files, skip_bad=True)
     assert dataset.counts("all") == {"no": 4, "yes": 4}
     assert sorted(Path(p.path).name for p in dataset.skipped) == [
-        "corrupt.jpg", "empty.png", "text.png", "truncated.png"]
+        "bomb.png", "corrupt.jpg", "empty.png", "text.png", "truncated.png"]
+
+
+def test_the_bomb_is_refused_from_its_header_without_allocating(tmp_path):
+    import tracemalloc
+
+    path = bomb_png(tmp_path / "bomb.png")
+    tracemalloc.start()
+    with pytest.raises(DataError, match="decompression bomb: 225,000,000 pixels"):
+        intake.load_rgb(path)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 10_000_000  # decoding it would take 675 MB
+
+
+@pytest.mark.parametrize("error", [SyntaxError("broken header"), __import__("struct").error("unpack requires 4 bytes"),
+                                   EOFError("no more data"), ValueError("bad tile"), IndexError("list index"),
+                                   RuntimeError("decoder state")])
+def test_any_decoder_exception_is_a_per_file_reason(tmp_path, monkeypatch, error):
+    root = image_folder(tmp_path / "d")
+    write_image(root / "yes" / "weird.png", "L")
+    real_open = intake.Image.open
+
+    def fake_open(path, *args, **kwargs):
+        if Path(path).name == "weird.png":
+            raise error
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(intake.Image, "open", fake_open)
+    with pytest.raises(DataError) as err:
+        load_dataset(root)
+    line = next(line for line in str(err.value).splitlines() if "weird.png" in line)
+    assert type(error).__name__ in line and str(error) in line
+    assert load_dataset(root, skip_bad=True).counts("all") == {"no": 4, "yes": 4}
+
+
+def test_check_data_names_every_bad_file_and_skip_bad_counts_them(with_bad_files):
+    command = [sys.executable, "-m", "benchmark", "check-data", str(with_bad_files)]
+    failed = subprocess.run(command, capture_output=True, text=True, env=clean_env())
+    assert failed.returncode == 1
+    for name in ("bomb.png", "corrupt.jpg", "empty.png", "text.png", "truncated.png"):
+        assert name in failed.stderr
+    assert "Traceback" not in failed.stderr + failed.stdout
+    skipped = subprocess.run(command + ["--skip-bad"], capture_output=True, text=True, env=clean_env())
+    assert skipped.returncode == 0, skipped.stderr
+    assert "Traceback" not in skipped.stderr + skipped.stdout
+    assert "5 bad file(s) skipped" in skipped.stdout
 
 
 @pytest.mark.parametrize("make, expected", [

@@ -11,7 +11,7 @@ import backbones
 from backbones._registry import _REGISTRY
 from benchmark import gradcam, intake, modelfile, pipeline, predict
 from benchmark.model import build_classifier
-from conftest import clean_env, write_image
+from conftest import bomb_png, clean_env, write_image
 
 SIZE = 32
 
@@ -49,19 +49,21 @@ def test_mixed_folder_gives_rows_and_per_file_errors(tmp_path):
     write_image(folder / "gray.png", "L")
     write_image(folder / "sub" / "cmyk.jpg", "CMYK", fmt="JPEG")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    bomb_png(folder / "bomb.png")
     out = tmp_path / "preds.csv"
     result = subprocess.run([sys.executable, "-m", "benchmark", "predict", str(path), str(folder), "--out", str(out),
                              "--tta", "--explain", str(tmp_path / "cams")], capture_output=True, text=True,
                             env=clean_env())
     assert result.returncode == 2, result.stderr
     rows = {row["path"].split("/")[-1]: row for row in csv.DictReader(open(out))}
-    assert set(rows) == {"gray.png", "cmyk.jpg", "broken.png"}
+    assert set(rows) == {"gray.png", "cmyk.jpg", "broken.png", "bomb.png"}
     assert rows["broken.png"]["predicted"] == "" and "not an image" in rows["broken.png"]["error"]
+    assert rows["bomb.png"]["predicted"] == "" and "decompression bomb" in rows["bomb.png"]["error"]
     for name in ("gray.png", "cmyk.jpg"):
         assert rows[name]["error"] == "" and rows[name]["predicted"] in ("no", "yes")
         assert float(rows[name]["prob_no"]) + float(rows[name]["prob_yes"]) == pytest.approx(1.0, abs=1e-5)
         assert "flip" in rows[name]["tta"]
-    assert "broken.png" in result.stderr
+    assert "broken.png" in result.stderr and "bomb.png" in result.stderr and "Traceback" not in result.stderr
     assert len(list((tmp_path / "cams").glob("*_gradcam.png"))) == 2
 
 
