@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import intake
+from . import intake, quiet
 from .config import ConfigError, load_config
 
 # What can go wrong before or during a run that the user can fix: one clear line, exit code 1.
@@ -164,6 +164,8 @@ def _check_data(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tumorbench", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show TensorFlow's own start-up and device lines (hidden by default)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     check = commands.add_parser("check-data", help="read a data set and report its layout and problems")
@@ -240,9 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command not in ("check-data", "audit"):  # TensorFlow's and MLflow's chatter hides the progress lines
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        import tensorflow as tf
-
-        tf.get_logger().setLevel("ERROR")
+        if not args.verbose:
+            os.environ["TUMORBENCH_QUIET_TF"] = "1"  # inherited by sweep's trial processes
+        quiet.import_tensorflow(verbose=args.verbose)
     return args.run(args)

@@ -252,3 +252,18 @@ def test_check_data_on_real_four_class_set():
     result = run_cli("check-data", str(SHARED / "brain-tumor-mri-4class"))
     assert result.returncode == 0, result.stderr
     assert "train    5708 images: glioma 1321, meningioma 1339, notumor 1591, pituitary 1457" in result.stdout
+
+
+def test_commands_print_only_their_own_lines(tmp_path):
+    """TensorFlow's start-up lines (absl, oneDNN, CUDA probing) stay hidden unless -v asks for them."""
+    root = image_folder(tmp_path / "d")
+    noise = ("absl::InitializeLog", "oneDNN", "cuInit", "cuda drivers")
+    for command in (["check-data", str(root)], ["report", "--data", str(root), "--set",
+                                                f'tracking.results_dir="{tmp_path}"']):
+        result = subprocess.run([sys.executable, "-m", "benchmark", *command], capture_output=True, text=True,
+                                env=clean_env())
+        assert not [line for line in (result.stdout + result.stderr).splitlines() if any(n in line for n in noise)]
+    loud = subprocess.run([sys.executable, "-m", "benchmark", "-v", "report", "--data", str(root), "--set",
+                           f'tracking.results_dir="{tmp_path}"'], capture_output=True, text=True, env=clean_env())
+    assert any(n in loud.stderr for n in noise)
+    assert "no finished bench runs" in loud.stderr or "no experiment" in loud.stderr.lower()
