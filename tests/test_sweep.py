@@ -4,9 +4,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
-import sqlalchemy.exc
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -103,40 +103,57 @@ def test_failed_trials_are_recorded_with_reason_and_the_study_goes_on(tmp_path, 
     assert all(r.data.tags["tumorbench.state"] == "FAIL" for r in children)
 
 
-def test_killed_worker_is_marked_failed_and_the_study_resumes(tmp_path):
-    overrides = tiny(tmp_path, "sweep.trials=3", "sweep.heartbeat_seconds=1", "train.epochs1=3", "train.epochs2=3")
+@pytest.fixture
+def hold(tmp_path, monkeypatch):
+    """The `hold_net` plugin (tests/hold_backbone.py), importable here and in worker processes."""
+    from backbones._registry import _REGISTRY
+
+    folder = tmp_path / "hold"
+    monkeypatch.setenv("HOLD_DIR", str(folder))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    yield folder, ['plugins=["hold_backbone"]', 'model.backbones=["hold_net"]']
+    _REGISTRY.pop("hold_net", None)
+    sys.modules.pop("hold_backbone", None)
+
+
+def _wait_for_file(path, process, limit_s: float = 600) -> None:
+    """Until `path` exists; fails at once if `process` ends first (a safety limit only)."""
+    deadline = time.monotonic() + limit_s
+    while not path.exists():
+        if process.poll() is not None:
+            pytest.fail(f"the worker ended (exit {process.returncode}) before {path.name} appeared")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path.name} never appeared")
+        time.sleep(0.1)
+
+
+def test_killed_worker_is_marked_failed_and_the_study_resumes(tmp_path, hold, monkeypatch):
+    """The worker is held inside its second trial (the plugin blocks there), killed at that known
+    point, and the same command run again finishes the study."""
+    folder, plugin = hold
+    monkeypatch.setenv("HOLD_MODE", "second")
+    overrides = tiny(tmp_path, "sweep.trials=3", "sweep.heartbeat_seconds=1", *plugin)
     config = load_config(None, overrides)
     storage = sweep.storage_url(config)
-    worker = subprocess.Popen(worker_command(overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env=clean_env())
-    deadline = time.monotonic() + 240
+    env = {**clean_env(), "HOLD_DIR": str(folder), "HOLD_MODE": "second"}
+    worker = subprocess.Popen(worker_command(overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
-        while time.monotonic() < deadline:  # wait for one finished trial and one running
-            time.sleep(0.5)
-            if not (tmp_path / "results" / "optuna.db").exists():
-                continue
-            try:
-                trials = optuna.load_study(study_name="phantoms-4class-vgg16", storage=storage).trials
-            except (KeyError, sqlalchemy.exc.SQLAlchemyError):  # not created yet, or the worker is making the schema
-                continue
-            states = [t.state for t in trials]
-            if STATES.COMPLETE in states and STATES.RUNNING in states:
-                break
-        else:
-            pytest.fail("the worker never had a finished and a running trial")
+        _wait_for_file(folder / "holding", worker)
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait()
-    killed = next(t.number for t in trials if t.state == STATES.RUNNING)
+    trials = optuna.load_study(study_name="phantoms-4class-hold_net", storage=storage).trials
+    assert [t.state for t in trials] == [STATES.COMPLETE, STATES.RUNNING]
     finished_before = {t.number: (t.value, t.datetime_complete) for t in trials if t.state == STATES.COMPLETE}
-    time.sleep(2.5)  # past the heartbeat grace period
+    (folder / "release").touch()
+    time.sleep(2.5)  # the killed trial's last heartbeat is now older than its 2 s grace period
     sweep.run(config)  # the same command again
-    study = optuna.load_study(study_name="phantoms-4class-vgg16", storage=storage)
-    assert study.trials[killed].state == STATES.FAIL
+    study = optuna.load_study(study_name="phantoms-4class-hold_net", storage=storage)
+    assert study.trials[1].state == STATES.FAIL
     for number, kept in finished_before.items():
         assert (study.trials[number].value, study.trials[number].datetime_complete) == kept
-    assert sweep.finished_count(study) >= 3
-    assert sum(t.state == STATES.COMPLETE for t in study.trials) > len(finished_before)
+    assert sweep.finished_count(study) == 3
+    assert sum(t.state == STATES.COMPLETE for t in study.trials) == 2
 
 
 def _postgres_urls():
@@ -150,23 +167,28 @@ def _postgres_urls():
     return optuna_url, mlflow_url
 
 
-def test_two_workers_share_one_postgres_study(tmp_path):
+def test_two_workers_share_one_postgres_study(tmp_path, hold):
+    """Every trial waits (in the plugin) until both workers have started one, so both must take part
+    however slowly either starts."""
     optuna_url, mlflow_url = _postgres_urls()
-    overrides = tiny(tmp_path, "sweep.trials=4", f'sweep.storage="{optuna_url}"', f'tracking.uri="{mlflow_url}"')
+    folder, plugin = hold
+    overrides = tiny(tmp_path, "sweep.trials=4", f'sweep.storage="{optuna_url}"', f'tracking.uri="{mlflow_url}"',
+                     *plugin)
     try:
-        optuna.delete_study(study_name="phantoms-4class-vgg16", storage=optuna_url)  # from an earlier run
+        optuna.delete_study(study_name="phantoms-4class-hold_net", storage=optuna_url)  # from an earlier run
     except KeyError:
         pass
+    env = {**clean_env(), "HOLD_DIR": str(folder), "HOLD_MODE": "pair"}
     workers = [subprocess.Popen(worker_command(overrides, worker=i, workers=2), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=clean_env()) for i in range(2)]
+                                stderr=subprocess.STDOUT, text=True, env=env) for i in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    study = optuna.load_study(study_name="phantoms-4class-vgg16", storage=optuna_url)
+    study = optuna.load_study(study_name="phantoms-4class-hold_net", storage=optuna_url)
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers)) and len(numbers) >= 4
     assert all(t.state == STATES.COMPLETE for t in study.trials)
     assert all(f"(worker {i})" in out for i, out in enumerate(outputs))
-    worked = [out.count("-- phantoms-4class-vgg16 trial") for out in outputs]
+    worked = [out.count("-- phantoms-4class-hold_net trial") for out in outputs]
     assert sum(worked) == len(numbers) and min(worked) >= 1  # both workers ran trials
     client = MlflowClient(mlflow_url)
     children = child_runs(client, study.user_attrs[sweep.STUDY_ATTR_PARENT])
