@@ -71,22 +71,29 @@ def open_study(config, name: str, worker: int) -> optuna.Study:
     return study
 
 
-def suggest(trial: optuna.Trial, space, spec) -> dict:
-    """The recipe's free parameters for this trial, within the configured ranges."""
+def suggest(trial: optuna.Trial, config, spec) -> dict:
+    """The recipe's free parameters for this trial, within the configured ranges. With LP-FT
+    (train.head_init = "probe") the head is the linear probe, fitted in closed form: there is no
+    head width or phase-1 learning rate to search."""
+    space = config.sweep
     top = len(spec.group_names) if space.unfreeze[1] < 0 else space.unfreeze[1]
-    return {
-        "lr1": trial.suggest_float("lr1", *space.lr1, log=True),
-        "lr2": trial.suggest_float("lr2", *space.lr2, log=True),
-        "unfreeze": trial.suggest_int("unfreeze", space.unfreeze[0], top),
-        "dropout": trial.suggest_float("dropout", *space.dropout),
-        "head_units": trial.suggest_int("head_units", *space.head_units, log=space.head_units[0] >= 1),
-    }
+    params = {}
+    if config.train.head_init != "probe":
+        params["lr1"] = trial.suggest_float("lr1", *space.lr1, log=True)
+    params["lr2"] = trial.suggest_float("lr2", *space.lr2, log=True)
+    params["unfreeze"] = trial.suggest_int("unfreeze", space.unfreeze[0], top)
+    params["dropout"] = trial.suggest_float("dropout", *space.dropout)
+    if config.train.head_init != "probe":
+        params["head_units"] = trial.suggest_int("head_units", *space.head_units, log=space.head_units[0] >= 1)
+    return params
 
 
 def trial_config(config, params: dict):
     trial = copy.deepcopy(config)
-    trial.train.lr1, trial.train.lr2, trial.train.unfreeze = params["lr1"], params["lr2"], params["unfreeze"]
-    trial.model.dropout, trial.model.head_units = params["dropout"], params["head_units"]
+    trial.train.lr1 = params.get("lr1", config.train.lr1)
+    trial.train.lr2, trial.train.unfreeze = params["lr2"], params["unfreeze"]
+    trial.model.dropout = params["dropout"]
+    trial.model.head_units = params.get("head_units", config.model.head_units)
     trial.tracking.log_model = False
     return trial
 
@@ -117,7 +124,7 @@ def make_objective(config, prepared, spec, weights: str, experiment: str, parent
     metric = config.sweep.metric
 
     def objective(trial: optuna.Trial) -> float:
-        params = suggest(trial, config.sweep, spec)
+        params = suggest(trial, config, spec)
         tconfig = trial_config(config, params)
         built = bench.build(tconfig, prepared, spec.name, weights)  # clears the Keras session first
         tags = {tracking.KIND_TAG: "sweep-trial", "mlflow.parentRunId": parent_id, "tumorbench.study": study_name,

@@ -194,3 +194,20 @@ def test_two_workers_share_one_postgres_study(tmp_path, hold):
     children = child_runs(client, study.user_attrs[sweep.STUDY_ATTR_PARENT])
     assert sorted(int(r.data.tags["tumorbench.trial"]) for r in children) == sorted(numbers)
     assert all(r.info.status == "FINISHED" for r in children)
+
+
+@pytest.mark.parametrize("name", __import__("backbones").names())
+def test_lp_ft_sweeps_search_depth_over_every_group_and_no_head(name):
+    import backbones
+
+    spec = backbones.get(name)
+    config = load_config(None, ['train.head_init="probe"', "model.head_units=0"])
+    deepest = optuna.trial.FixedTrial({"lr2": 1e-4, "unfreeze": len(spec.group_names), "dropout": 0.1})
+    params = sweep.suggest(deepest, config, spec)
+    assert params == {"lr2": 1e-4, "unfreeze": len(spec.group_names), "dropout": 0.1}
+    trial = sweep.trial_config(config, params)
+    assert trial.model.head_units == 0 and trial.train.unfreeze == len(spec.group_names)
+    asked = optuna.create_study().ask()
+    sweep.suggest(asked, config, spec)
+    assert set(asked.distributions) == {"lr2", "unfreeze", "dropout"}
+    assert (asked.distributions["unfreeze"].low, asked.distributions["unfreeze"].high) == (0, len(spec.group_names))
