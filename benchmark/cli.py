@@ -66,8 +66,8 @@ def _predict(args) -> int:
 
     try:
         config = load_config(args.config, list(args.set or []))
-        model_path = predict.resolve_model(args.model, config.tracking)
-        rows = predict.run(model_path, args.paths, args.batch_size, args.tta, args.threshold,
+        model_paths = predict.resolve_models(args.model, config.tracking)
+        rows = predict.run(model_paths, args.paths, args.batch_size, args.tta, args.threshold,
                            Path(args.explain) if args.explain else None)
     except (*USER_ERRORS, modelfile.ModelFileError, tracking.TrackingUnavailable, LookupError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_cmd.set_defaults(run=_sweep)
 
     predict_cmd = commands.add_parser("predict", help="classify images with a trained model")
-    predict_cmd.add_argument("model", help="a .keras file from bench, an MLflow run id, or best:<data set>")
+    predict_cmd.add_argument("model", help="a .keras file from bench, an MLflow run id (a cross-validated "
+                             "run: its fold models as an ensemble), or best:<data set>")
     predict_cmd.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
     predict_cmd.add_argument("--out", help="write rows to a .csv or .json file")
     predict_cmd.add_argument("--tta", action="store_true", help="average over flips and small shifts")

@@ -23,17 +23,7 @@ TTA_VIEWS = "original, horizontal flip, 5% shift right, 5% shift down (mean of 4
 CHUNK = 256
 
 
-def resolve_model(reference: str, tracking_config) -> Path:
-    """A model file from a path, an MLflow run id, or best:<data set> (best macro-F1 bench run)."""
-    if Path(reference).is_file():
-        return Path(reference)
-    run_id = reference
-    if not (reference.startswith("best:") or re.fullmatch(r"[0-9a-f]{32}", reference)):
-        raise modelfile.ModelFileError(f"{reference}: neither a model file, an MLflow run id nor best:<data set>")
-    client = tracking.connect(tracking_config)
-    if reference.startswith("best:"):
-        runs = report.select_runs(client, reference.removeprefix("best:"), "bench")
-        run_id = max(runs, key=lambda r: r.data.metrics.get("val_macro_f1", -1.0)).info.run_id
+def _downloaded(client, run_id: str) -> Path:
     local = cache_root() / "models" / run_id / "model.keras"
     if not local.is_file():
         with tempfile.TemporaryDirectory() as download:
@@ -41,6 +31,46 @@ def resolve_model(reference: str, tracking_config) -> Path:
             local.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(fetched, local)
     return local
+
+
+def _fold_runs(client, parent) -> list:
+    """The finished fold runs of a cross-validated parent run, in fold order."""
+    runs = client.search_runs([parent.info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and attributes.status = 'FINISHED'",
+                              max_results=1000)
+    return sorted(runs, key=lambda r: int(r.data.tags.get("tumorbench.fold", 0)))
+
+
+def _best_run(client, data_set: str):
+    """The bench run or cross-validated parent with the best validation macro-F1 (CV: mean over folds)."""
+    candidates = []
+    for source, key in (("bench", "val_macro_f1"), ("cv", "val_macro_f1_mean")):
+        try:
+            candidates += [(run.data.metrics.get(key, -1.0), run) for run in report.select_runs(client, data_set, source)]
+        except LookupError:
+            continue
+    if not candidates:
+        raise LookupError(f"MLflow has no finished bench or cross-validated runs for {data_set!r}")
+    return max(candidates, key=lambda pair: pair[0])[1]
+
+
+def resolve_models(reference: str, tracking_config) -> list[Path]:
+    """The model file(s) `reference` names: a .keras file; an MLflow run id (a bench run's model, or
+    the fold models of a cross-validated parent run, predicted as an ensemble); or best:<data set>
+    (the bench run or cross-validated ensemble with the best validation macro-F1)."""
+    if Path(reference).is_file():
+        return [Path(reference)]
+    if not (reference.startswith("best:") or re.fullmatch(r"[0-9a-f]{32}", reference)):
+        raise modelfile.ModelFileError(f"{reference}: neither a model file, an MLflow run id nor best:<data set>")
+    client = tracking.connect(tracking_config)
+    run = (_best_run(client, reference.removeprefix("best:")) if reference.startswith("best:")
+           else client.get_run(reference))
+    if run.data.tags.get(tracking.KIND_TAG) == "bench-cv":
+        folds = _fold_runs(client, run)
+        if not folds:
+            raise LookupError(f"cross-validated run {run.info.run_id} has no finished fold runs")
+        return [_downloaded(client, fold.info.run_id) for fold in folds]
+    return [_downloaded(client, run.info.run_id)]
 
 
 def image_files(paths: list[str]) -> list[Path]:
@@ -83,14 +113,31 @@ def probabilities(model, preprocess, images: np.ndarray, batch_size: int, tta: b
     return np.mean(results, axis=0)
 
 
-def run(model_path: Path, paths: list[str], batch_size: int = 32, tta: bool = False,
+def _load_models(model_paths: list[Path]) -> list[tuple]:
+    """(model, description, spec) per file; an ensemble's models must agree on classes and input size."""
+    loaded = []
+    for path in model_paths:
+        model, description = modelfile.load(path)
+        loaded.append((model, description, backbones.get(description["backbone"])))
+    first = loaded[0][1]
+    for path, (_, description, _) in zip(model_paths, loaded):
+        for key in ("class_names", "input_size"):
+            if description[key] != first[key]:
+                raise modelfile.ModelFileError(f"{path}: {key} {description[key]} differs from {model_paths[0]}'s "
+                                               f"{first[key]}; an ensemble's models must agree")
+    return loaded
+
+
+def run(model_paths: Path | list[Path], paths: list[str], batch_size: int = 32, tta: bool = False,
         threshold: float | None = None, explain: Path | None = None) -> list[dict]:
-    """One row per file: path, predicted class, probability per class (or the error)."""
-    model, description = modelfile.load(model_path)
-    spec = backbones.get(description["backbone"])
+    """One row per file: path, predicted class, probability per class (or the error). Several model
+    files are an ensemble: their probabilities are averaged (Grad-CAM shows the first model's)."""
+    model_paths = [model_paths] if isinstance(model_paths, Path) else list(model_paths)
+    ensemble = _load_models(model_paths)
+    model, description, spec = ensemble[0]
     classes, size = description["class_names"], description["input_size"]
     if threshold is not None and len(classes) != 2:
-        raise modelfile.ModelFileError(f"--threshold applies to 2-class models; {model_path} has {len(classes)}")
+        raise modelfile.ModelFileError(f"--threshold applies to 2-class models; {model_paths[0]} has {len(classes)}")
     threshold = threshold if threshold is not None else description.get("threshold")
     files = image_files(paths)
     rows = []
@@ -99,7 +146,8 @@ def run(model_path: Path, paths: list[str], batch_size: int = 32, tta: bool = Fa
         with ThreadPoolExecutor(max_workers=intake.READ_THREADS) as pool:
             loaded = list(pool.map(lambda p: _load(p, size), chunk))
         good = [(path, pixels) for path, (pixels, error) in zip(chunk, loaded) if not error]
-        probs = (probabilities(model, spec.preprocess, np.stack([p for _, p in good]), batch_size, tta)
+        probs = (np.mean([probabilities(member, member_spec.preprocess, np.stack([p for _, p in good]), batch_size, tta)
+                          for member, _, member_spec in ensemble], axis=0)
                  if good else np.zeros((0, len(classes))))
         maps = None
         if explain and good:
@@ -109,7 +157,7 @@ def run(model_path: Path, paths: list[str], batch_size: int = 32, tta: bool = Fa
         by_path = {path: (i, pixels) for i, (path, pixels) in enumerate(good)}
         for path, (_, error) in zip(chunk, loaded):
             row = {"path": str(path), "predicted": "", **{f"prob_{c}": "" for c in classes},
-                   "tta": TTA_VIEWS if tta else "", "error": error}
+                   "tta": TTA_VIEWS if tta else "", "models": len(ensemble), "error": error}
             if path in by_path:
                 i, pixels = by_path[path]
                 p = probs[i]

@@ -92,14 +92,15 @@ def test_predict_finds_models_by_run_id_and_best(benched):
 
     config, table, _, name = benched
     best = table.sort_values("val_macro_f1", ascending=False, kind="stable").iloc[0]
-    by_best = predict.resolve_model(f"best:{name}", config.tracking)
+    (by_best,) = predict.resolve_models(f"best:{name}", config.tracking)
     assert modelfile.read_description(by_best)["backbone"] == best["backbone"]
     for row in table.itertuples():
-        description = modelfile.read_description(predict.resolve_model(row.run_id, config.tracking))
+        (path,) = predict.resolve_models(row.run_id, config.tracking)
+        description = modelfile.read_description(path)
         assert description["backbone"] == row.backbone and description["input_size"] == 32
         assert description["class_names"] == ["glioma", "meningioma", "notumor", "pituitary"]
     with pytest.raises(modelfile.ModelFileError, match="neither a model file"):
-        predict.resolve_model("no-such-thing", config.tracking)
+        predict.resolve_models("no-such-thing", config.tracking)
 
 
 def test_report_rebuilds_the_same_table_from_mlflow_alone(benched, tmp_path):
@@ -264,6 +265,18 @@ def test_cross_validation_parent_and_fold_runs_with_intervals_and_pairs(tmp_path
     assert (pairs.loc[0, "only_a_right"], pairs.loc[0, "only_b_right"]) == (only_a, only_b)
     assert pairs.loc[0, "mcnemar_p"] == pytest.approx(p)
     assert pairs.loc[0, "accuracy_diff"] == pytest.approx(right_a.mean() - right_b.mean())
+
+    # A cross-validated run predicts as the ensemble of its fold models: the mean of their probabilities.
+    from benchmark import predict
+    parent = next(p for p in parents if p.data.params["backbone"] == "vgg16")
+    members = predict.resolve_models(parent.info.run_id, config.tracking)
+    assert len(members) == 3
+    images = bench.data_path(config)
+    rows = predict.run(members, [str(images)], batch_size=4)
+    singles = [predict.run(member, [str(images)], batch_size=4) for member in members]
+    assert all(row["models"] == 3 for row in rows)
+    for i, row in enumerate(rows):
+        assert row["prob_yes"] == pytest.approx(np.mean([single[i]["prob_yes"] for single in singles]), abs=1e-6)
 
 
 def test_test_split_is_scored_with_what_validation_chose(tmp_path):
