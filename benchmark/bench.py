@@ -120,6 +120,9 @@ def _log_params(config, prepared: Prepared, spec, size: int, weights_used: str) 
         "duplicate_distance": config.data.duplicate_distance,
     })
     mlflow.log_text(config.to_toml(), "config.toml")
+    tracking.log_dataset_inputs(prepared.name, prepared.path, {
+        split: (f"{dataset.fingerprint}-{intake.samples_hash(samples)[:8]}", len(samples))
+        for split, samples in prepared.parts.items()})
 
 
 def _predict(model, dataset, samples, spec, size, batch_size) -> np.ndarray:
@@ -349,7 +352,8 @@ def run_backbone(config, prepared: Prepared, name: str, weights: str, experiment
     cross-validation fold); prints one summary line."""
     built = build(config, prepared, name, weights)
     label = f"{name}-{built.weights_used}" + ("" if fold is None else f"-fold{fold + 1}")
-    with mlflow.start_run(experiment_id=experiment, run_name=label, nested=fold is not None) as run:
+    with mlflow.start_run(experiment_id=experiment, run_name=tracking.run_name(label),
+                          nested=fold is not None) as run:
         tags = {tracking.KIND_TAG: "bench" if fold is None else "bench-fold", **tracking.provenance_tags()}
         mlflow.set_tags(tags if fold is None else {**tags, "tumorbench.fold": str(fold + 1)})
         try:
@@ -365,14 +369,62 @@ def run_backbone(config, prepared: Prepared, name: str, weights: str, experiment
         return {**outcome, "run_id": run.info.run_id, "weights_used": built.weights_used}
 
 
+def finished_fold(config, prepared: Prepared, name: str, experiment: str, fold: int) -> dict | None:
+    """The outcome of fold `fold` if MLflow already holds it: a finished fold run of this backbone on
+    the same data whose saved config equals this one (so an interrupted cross-validation resumes
+    where it stopped instead of training finished folds again); None otherwise."""
+    client = mlflow.tracking.MlflowClient()
+    runs = client.search_runs(
+        [experiment], f"tags.`{tracking.KIND_TAG}` = 'bench-fold' and tags.`tumorbench.fold` = '{fold + 1}' and "
+        f"params.backbone = '{name}' and params.data_fingerprint = '{prepared.dataset.fingerprint}' and "
+        "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+    wanted = config.to_toml()
+    dataset = prepared.dataset
+    for run in runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                if Path(client.download_artifacts(run.info.run_id, "config.toml", tmp)).read_text() != wanted:
+                    continue
+                outcome = {split: json.loads(Path(client.download_artifacts(
+                    run.info.run_id, f"metrics_{split}.json", tmp)).read_text()) for split in ("val",)}
+                predictions = pd.read_csv(client.download_artifacts(run.info.run_id, "predictions_val.csv", tmp))
+                probe_files = [a.path for a in client.list_artifacts(run.info.run_id)
+                               if a.path.startswith("predictions_probe_")]
+                for artifact in probe_files:
+                    frame = pd.read_csv(client.download_artifacts(run.info.run_id, artifact, tmp))
+                    split = artifact.removeprefix("predictions_probe_").removesuffix(".csv")
+                    outcome[f"probe_{split}"] = metrics.compute(
+                        frame["label"], frame[[f"prob_{c}" for c in dataset.class_names]].to_numpy(),
+                        dataset.class_names, config.evaluate.calibration_bins)
+            except (OSError, ValueError, mlflow.exceptions.MlflowException):
+                continue
+        m = run.data.metrics
+        costs = {key: m[key] for key in ("train_seconds", "phase1_seconds", "phase2_seconds", "trainable_params",
+                                         "total_params", "inference_ms_per_image") if key in m}
+        print(f"== {name} fold {fold + 1}: already finished in run {run.info.run_id} with this config; reused",
+              flush=True)
+        return {**outcome, "predictions": {"val": predictions}, "costs": costs, "seconds": m.get("train_seconds", 0.0),
+                "run_id": run.info.run_id, "weights_used": run.data.params["weights"], "reused": True}
+    return None
+
+
 def run_cross_validated(config, folds: list[Prepared], name: str, weights: str, experiment: str) -> dict:
     """A parent MLflow run per backbone with a child run per fold; the parent holds each metric's
-    mean and 95% CI over folds, and the out-of-fold predictions (every image scored exactly once)."""
+    mean and 95% CI over folds, and the out-of-fold predictions (every image scored exactly once).
+    Folds already finished with the same config are reused (and moved under this parent)."""
     first = folds[0]
     spec = backbones.get(name)
-    with mlflow.start_run(experiment_id=experiment, run_name=f"{name}-{weights}-cv{len(folds)}") as parent:
+    with mlflow.start_run(experiment_id=experiment,
+                          run_name=tracking.run_name(f"{name}-{weights}-cv{len(folds)}")) as parent:
         mlflow.set_tags({tracking.KIND_TAG: "bench-cv", **tracking.provenance_tags()})
-        outcomes = [run_backbone(config, fold, name, weights, experiment, fold=i) for i, fold in enumerate(folds)]
+        outcomes = []
+        for i, fold in enumerate(folds):
+            outcome = finished_fold(config, fold, name, experiment, i)
+            if outcome is None:
+                outcome = run_backbone(config, fold, name, weights, experiment, fold=i)
+            else:
+                mlflow.tracking.MlflowClient().set_tag(outcome["run_id"], "mlflow.parentRunId", parent.info.run_id)
+            outcomes.append(outcome)
         mlflow.log_params({"backbone": name, "weights": outcomes[0]["weights_used"], "weights_requested": weights,
                            "folds": len(folds), "seed": config.seed, "data_path": first.path,
                            "data_fingerprint": first.dataset.fingerprint,
@@ -387,7 +439,8 @@ def run_cross_validated(config, folds: list[Prepared], name: str, weights: str, 
                 mean, low, high = stats.mean_ci([scores.get(key, np.nan) for scores in per_fold])
                 summary.update({f"{key}_mean": mean, f"{key}_ci_low": low, f"{key}_ci_high": high})
         mlflow.log_metrics({k: v for k, v in summary.items() if np.isfinite(v)})
-        costs = {key: float(np.mean([outcome["costs"][key] for outcome in outcomes])) for key in outcomes[0]["costs"]}
+        costs = {key: float(np.nanmean([outcome["costs"].get(key, np.nan) for outcome in outcomes]))
+                 for key in outcomes[0]["costs"]}
         mlflow.log_metrics({**costs, "train_seconds": float(sum(outcome["seconds"] for outcome in outcomes))})
         out_of_fold = pd.concat([outcome["predictions"]["val"].assign(fold=i + 1)
                                  for i, outcome in enumerate(outcomes)], ignore_index=True)

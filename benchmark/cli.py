@@ -30,7 +30,7 @@ def _config(args):
 def _bench(args) -> int:
     from backbones import WeightsUnavailable
 
-    from . import bench
+    from . import bench, report
     from .tracking import TrackingUnavailable
     from .trainer import TrainingFailed
 
@@ -39,7 +39,10 @@ def _bench(args) -> int:
     except (*USER_ERRORS, WeightsUnavailable, TrackingUnavailable, TrainingFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print("\n" + paths["md"].read_text())
+    source = "cv" if "folds" in table.columns else "bench"
+    print(f"\n{name}: validation scores" + (" (mean [95% CI] over folds)" if source == "cv" else ""))
+    print(report.terminal(table, source))
+    print(f"full table (per-class scores, calibration, paired comparisons): {paths['md']}")
     print(f"written: {', '.join(str(p) for p in paths.values())}")
     return 0
 

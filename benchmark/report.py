@@ -204,6 +204,33 @@ def markdown(table: pd.DataFrame, title: str, pairs: pd.DataFrame | None = None,
     return "\n".join(lines) + "\n"
 
 
+TERMINAL = [("backbone", "backbone"), ("weights", "weights"), ("val_accuracy", "accuracy"),
+            ("val_macro_f1", "macro-F1"), ("val_roc_auc", "AUC"), ("probe_val_accuracy", "probe acc"),
+            ("train_s", "train s")]
+
+
+def terminal(table: pd.DataFrame, source: str = "bench") -> str:
+    """A compact table for the end of a run (under 120 columns): validation accuracy, macro-F1 and
+    AUC (cross-validated: the mean and its 95% CI), the probe's accuracy, training time."""
+    columns = [(key, title) for key, title in TERMINAL if key in table.columns]
+
+    def cell(row, key) -> str:
+        value = row[key]
+        if not isinstance(value, float | np.floating):
+            return str(value)
+        text = "n/a" if np.isnan(value) else (f"{value:.0f}" if key == "train_s" else f"{value:.3f}")
+        if source == "cv" and f"{key}_ci_low" in table.columns and not pd.isna(row[f"{key}_ci_low"]):
+            text += f" [{row[f'{key}_ci_low']:.3f},{row[f'{key}_ci_high']:.3f}]"
+        return text
+
+    rows = [[title for _, title in columns]] + [[cell(row, key) for key, _ in columns] for _, row in table.iterrows()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
+    lines = ["  ".join(text.ljust(width) for text, width in zip(r, widths)).rstrip() for r in rows]
+    flagged = [f"{row['backbone']}: {row['vs_probe']}" for _, row in table.iterrows()
+               if str(row.get("vs_probe", "")).startswith("BELOW")]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], *flagged]) + "\n"
+
+
 def _class_names(table: pd.DataFrame) -> list[str]:
     return [c.removeprefix("val_recall_") for c in table.columns
             if c.startswith("val_recall_") and not c.endswith(("_ci_low", "_ci_high"))]

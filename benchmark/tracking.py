@@ -5,13 +5,17 @@ import json
 import math
 import os
 import subprocess
+import time
 import urllib.request
+import warnings
 from importlib import metadata
 from pathlib import Path
 
 import keras
 import mlflow
 import matplotlib.pyplot as plt
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
 
 KIND_TAG = "tumorbench.kind"
@@ -50,18 +54,42 @@ def connect(tracking_config) -> MlflowClient:
     return client
 
 
+# MLflow 3's UI opens an experiment on the page its kind says; this is the value its own front end
+# uses for model training (ExperimentKind.CUSTOM_MODEL_DEVELOPMENT), which opens on the runs table.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id(client: MlflowClient, name: str, tracking_config) -> str:
-    """One experiment per data set; with the default local store, artifacts go under results/."""
+    """One experiment per data set, of the model-training kind (existing ones are tagged too); with
+    the default local store, artifacts go under results/."""
     found = client.get_experiment_by_name(name)
     if found:
+        if found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return found.experiment_id
     location = None
     if client.tracking_uri.startswith("sqlite:///") and not tracking_config.uri:
         location = (Path(tracking_config.results_dir).resolve() / "mlartifacts").as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
     except mlflow.exceptions.MlflowException:  # another worker created it a moment ago
         return client.get_experiment_by_name(name).experiment_id
+
+
+def run_name(*parts: str) -> str:
+    """A run name unique within its experiment: the parts and the start time to the second."""
+    return "-".join([*parts, time.strftime("%Y%m%d-%H%M%S")])
+
+
+def log_dataset_inputs(name: str, path: str, splits: dict[str, tuple[str, int]]) -> None:
+    """The data of the active run as MLflow dataset inputs, one per split (context train, validation
+    or test), so the UI's Dataset column and filter show them. splits: {split: (digest, images)}."""
+    with warnings.catch_warnings():  # a local folder matches two equivalent local source types
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(path)
+    for split, (digest, count) in splits.items():
+        mlflow.log_input(MetaDataset(source, name=name, digest=digest),
+                         context={"val": "validation"}.get(split, split), tags={"images": str(count)})
 
 
 def provenance_tags() -> dict[str, str]:
@@ -80,17 +108,15 @@ def provenance_tags() -> dict[str, str]:
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Logs every epoch of both phases on one step axis, with a `phase` metric marking the boundary.
+    """Logs every epoch of both phases on one step axis, with a `phase` metric marking the boundary
+    (the trainer sets `phase` before each fit).
 
     Names get an `epoch_` prefix (epoch_val_loss, ...) so they never shadow the final metrics.
     """
 
     def __init__(self):
         super().__init__()
-        self.phase = 0
-
-    def on_train_begin(self, logs=None):
-        self.phase += 1
+        self.phase = 1
 
     def on_epoch_end(self, epoch, logs=None):
         values = {f"epoch_{k}": float(v) for k, v in (logs or {}).items() if math.isfinite(float(v))}

@@ -184,6 +184,9 @@ def train_two_phase(model, base, spec, feed, train_config, n_classes: int, callb
             key, labels, class_names = score
             val_inputs = val_data[0] if isinstance(val_data, tuple) else val_data
             scoring.append(EpochScore(val_inputs, labels, class_names, key, result.val_outputs))
+        for callback in callbacks:  # e.g. the MLflow epoch logger marks which phase an epoch is in
+            if hasattr(callback, "phase"):
+                callback.phase = phase
         history = fit_model.fit(
             train_data,
             validation_data=val_data,

@@ -227,6 +227,37 @@ def test_missing_weights_fall_back_loudly_or_fail(tmp_path, monkeypatch, capsys)
     assert "falls back to weights 'none'" in capsys.readouterr().err
 
 
+def test_runs_carry_dataset_inputs_in_a_model_training_experiment(benched):
+    config, table, paths, name = benched
+    client = MlflowClient(tracking.tracking_uri(config.tracking))
+    experiment = client.get_experiment_by_name(name)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens the runs table
+    runs = client.search_runs([experiment.experiment_id])
+    fingerprint = runs[0].data.params["data_fingerprint"]
+    for run in runs:
+        inputs = run.inputs.dataset_inputs
+        contexts = sorted(next(t.value for t in i.tags if t.key == "mlflow.data.context") for i in inputs)
+        assert contexts == ["train", "validation"]
+        assert all(i.dataset.name == name and i.dataset.digest.startswith(fingerprint) for i in inputs)
+        images = {next(t.value for t in i.tags if t.key == "mlflow.data.context"):
+                  int(next(t.value for t in i.tags if t.key == "images")) for i in inputs}
+        assert images == {"train": int(run.data.params["n_train"]), "validation": int(run.data.params["n_val"])}
+    names = [run.info.run_name for run in runs]
+    assert len(set(names)) == len(names) and all(n.startswith(r.data.params["backbone"]) for n, r in zip(names, runs))
+
+
+def test_terminal_table_is_compact(benched):
+    from benchmark import report
+
+    _, table, _, _ = benched
+    text = report.terminal(table)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 120 and len(lines) == 2 + len(table)
+    for row in table.itertuples():
+        line = next(line for line in lines if line.startswith(row.backbone + " "))
+        assert f"{row.val_accuracy:.3f}" in line and f"{row.val_macro_f1:.3f}" in line
+
+
 def _artifact_frame(client, run_id, name, tmp_path):
     return pd.read_csv(client.download_artifacts(run_id, name, str(tmp_path)))
 
@@ -266,10 +297,19 @@ def test_cross_validation_parent_and_fold_runs_with_intervals_and_pairs(tmp_path
     assert pairs.loc[0, "mcnemar_p"] == pytest.approx(p)
     assert pairs.loc[0, "accuracy_diff"] == pytest.approx(right_a.mean() - right_b.mean())
 
+    # The same command again trains nothing: every fold is found finished in MLflow with the same config,
+    # reused and moved under the new parent, and the summary is the same.
+    fold_runs = {p.data.params["backbone"]: sorted(c.info.run_id for c in client.search_runs(
+        [experiment], f"tags.`mlflow.parentRunId` = '{p.info.run_id}'")) for p in parents}
+    again, _, _ = bench.run(config)
+    pd.testing.assert_frame_equal(again.drop(columns=["run_id", "train_s"]), table.drop(columns=["run_id", "train_s"]))
+    for row in again.itertuples():
+        children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{row.run_id}'")
+        assert sorted(c.info.run_id for c in children) == fold_runs[row.backbone]
+
     # A cross-validated run predicts as the ensemble of its fold models: the mean of their probabilities.
     from benchmark import predict
-    parent = next(p for p in parents if p.data.params["backbone"] == "vgg16")
-    members = predict.resolve_models(parent.info.run_id, config.tracking)
+    members = predict.resolve_models(again.set_index("backbone").loc["vgg16", "run_id"], config.tracking)
     assert len(members) == 3
     images = bench.data_path(config)
     rows = predict.run(members, [str(images)], batch_size=4)
