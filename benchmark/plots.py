@@ -6,6 +6,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+# A flat curve at chance drawn with an offset label ("1e-5+1.386") looks like it moves: never offset.
+plt.rcParams["axes.formatter.useoffset"] = False
 
 
 def confusion_matrix(matrix, class_names: list[str], title: str):
@@ -24,7 +28,8 @@ def confusion_matrix(matrix, class_names: list[str], title: str):
 
 
 def training_curves(epochs: list[dict], phase2_start: int, title: str):
-    """Loss and accuracy per epoch on one axis for both phases, the boundary marked."""
+    """Loss and accuracy per epoch on one axis for both phases, the boundary marked. Loss is on a log
+    scale, so a large first epoch does not flatten every later one."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     steps = [e["epoch"] + 1 for e in epochs]
     for ax, key in zip(axes, ("loss", "accuracy")):
@@ -32,7 +37,11 @@ def training_curves(epochs: list[dict], phase2_start: int, title: str):
         ax.plot(steps, [e.get(f"val_{key}") for e in epochs], "s-", label=f"val {key}")
         if phase2_start:
             ax.axvline(phase2_start + 0.5, color="grey", linestyle="--", label="phase 2 starts")
-        ax.set_xlabel("epoch")
+        if key == "loss":
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch (both phases on one axis)")
+        ax.set_ylabel(key + (" (log scale)" if key == "loss" else ""))
         ax.set_title(key)
         ax.legend(fontsize=8)
     fig.suptitle(title)
@@ -53,7 +62,10 @@ def comparison_bars(table, metrics: list[str], title: str):
                label=f"{row['backbone']} ({row['weights']})")
     ax.set_xticks(np.arange(len(metrics)) + width * (len(table) - 1) / 2, metrics)
     ax.set_ylim(0, 1)
-    ax.set_title(title)
+    ax.set_ylabel("score (validation" + (", mean and 95% CI over folds)" if "folds" in table else ")"))
+    if table["weights"].nunique() > 1:  # rows trained from different weights are not like for like
+        title += "\n(rows use different weights: " + ", ".join(sorted(table["weights"].unique())) + ")"
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -65,7 +77,9 @@ def score_by_unfreeze(trials, score_label: str, title: str):
     for state, marker in (("COMPLETE", "o"), ("PRUNED", "x")):
         part = trials[trials["state"] == state] if "state" in trials else trials.iloc[:0]
         if len(part) and "params_unfreeze" in part:
-            ax.scatter(part["params_unfreeze"], part["value"], marker=marker, label=state.lower())
+            ax.scatter(part["params_unfreeze"], part["value"], marker=marker,
+                       label=state.lower() + (" (value: last reported epoch)" if state == "PRUNED" else ""))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("unfrozen layer groups (0 = head only)")
     ax.set_ylabel(score_label)
     ax.set_title(f"{title}: score by unfreeze depth")

@@ -68,6 +68,10 @@ def open_study(config, name: str, worker: int) -> optuna.Study:
         pruner=make_pruner(config.sweep.pruner, config.train.epochs1 + config.train.epochs2),
     )
     optuna.storages.fail_stale_trials(study)  # trials of workers killed mid-run
+    if study.metric_names is None:  # the dashboard then names the objective instead of "Objective 0"
+        study.set_metric_names([f"val_{config.sweep.metric}"])
+        study.set_user_attr("objective", f"val_{config.sweep.metric} of the epoch with the lowest validation loss "
+                            "(the weights kept); it can differ from the last epoch's reported value")
     return study
 
 
@@ -196,6 +200,7 @@ def summarise(client: MlflowClient, study: optuna.Study, parent: str, out_dir: P
     """Best trial's params and metrics onto the parent run; plots and the trial table on disk and in MLflow."""
     out_dir.mkdir(parents=True, exist_ok=True)
     trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
+    trials = trials.rename(columns={f"value_val_{metric}": "value"})  # a named objective's column
     trials.to_csv(out_dir / f"{spec_name}-trials.csv", index=False)
     client.log_artifact(parent, str(out_dir / f"{spec_name}-trials.csv"))
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -207,13 +212,18 @@ def summarise(client: MlflowClient, study: optuna.Study, parent: str, out_dir: P
         client.set_tag(parent, "best_trial", str(best.number))
         if best.user_attrs.get("mlflow_run_id"):
             client.set_tag(parent, "best_run_id", best.user_attrs["mlflow_run_id"])
-    figures = {"optimization_history": lambda: optuna.visualization.matplotlib.plot_optimization_history(study),
-               "unfreeze_depth": lambda: plots.score_by_unfreeze(trials, f"val {metric}", spec_name)}
+    target = f"val_{metric} (best epoch)"
+    figures = {"optimization_history": lambda: optuna.visualization.matplotlib.plot_optimization_history(
+                   study, target_name=target),
+               "unfreeze_depth": lambda: plots.score_by_unfreeze(trials, target, study.study_name)}
     if len(completed) >= 2:
-        figures["param_importances"] = lambda: optuna.visualization.matplotlib.plot_param_importances(study)
+        figures["param_importances"] = lambda: optuna.visualization.matplotlib.plot_param_importances(
+            study, target_name=target)
     for name, draw in figures.items():
         drawn = draw()  # optuna's plots return Axes, ours a Figure
         figure = drawn if isinstance(drawn, plt.Figure) else drawn.figure
+        if not isinstance(drawn, plt.Figure):  # name the study (data set and backbone) and the metric
+            drawn.set_title(f"{study.study_name}: {drawn.get_title()} of {target}", fontsize=9)
         figure.set_size_inches(7, 4.5)
         figure.tight_layout()
         path = out_dir / f"{spec_name}-{name}.png"

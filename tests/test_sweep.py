@@ -44,6 +44,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
     study = optuna.load_study(study_name="phantoms-4class-vgg16", storage=sweep.storage_url(config))
     assert [t.number for t in study.trials] == [0, 1, 2]
     assert all(t.state == STATES.COMPLETE for t in study.trials)
+    assert study.metric_names == ["val_macro_f1"]  # what optuna-dashboard shows instead of "Objective 0"
     # one process per trial: no growth (in one process it grew about 200 MB a trial); the level
     # itself varies by a trial's parameters
     rss = [t.user_attrs["rss_mb"] for t in study.trials]
