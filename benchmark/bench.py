@@ -17,7 +17,8 @@ import tensorflow as tf
 
 import backbones
 
-from . import audit, feeds, gradcam, intake, metrics, modelfile, pipeline, plots, probe, report, stats, tracking
+from . import (audit, feeds, gradcam, intake, metrics, mlflow_model, modelfile, pipeline, plots, probe, report,
+               stats, tracking)
 from .model import build_classifier
 from .phantoms import phantom_dataset
 from .trainer import TrainingFailed, train_two_phase
@@ -340,7 +341,11 @@ def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = ()
         description = modelfile.describe(spec, dataset.class_names, size, built.weights_used, dataset.fingerprint,
                                          config.plugins)
         with tempfile.TemporaryDirectory() as workdir:
-            mlflow.log_artifact(str(modelfile.save(model, Path(workdir) / "model.keras", description)), "model")
+            saved = modelfile.save(model, Path(workdir) / "model.keras", description)
+            mlflow.log_artifact(str(saved), "model")
+            example = np.asarray(pipeline.decoded_images(dataset, parts["val"][:2], size))
+            logged = mlflow_model.log([saved], description, example)
+        mlflow.set_tag(tracking.MODEL_URI_TAG, logged.model_uri)
         tracking.log_json(description, "model/metadata.json")
     return {**scores, **{f"probe_{split}": result for split, result in probe_scores.items()},
             "predictions": predictions, "costs": costs, "epochs": len(result.epochs), "seconds": result.seconds}
@@ -408,6 +413,20 @@ def finished_fold(config, prepared: Prepared, name: str, experiment: str, fold: 
     return None
 
 
+def _log_ensemble(prepared: Prepared, fold_run_ids: list[str]) -> None:
+    """The fold models as one MLflow model on the cross-validation parent run: an ensemble that
+    averages their probabilities (what `predict` does with the parent's run id)."""
+    client = mlflow.tracking.MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [Path(client.download_artifacts(run_id, "model/model.keras", f"{tmp}/{i}"))
+                 for i, run_id in enumerate(fold_run_ids)]
+        description = modelfile.read_description(files[0])
+        example = np.asarray(pipeline.decoded_images(prepared.dataset, prepared.parts["val"][:2],
+                                                     description["input_size"]))
+        logged = mlflow_model.log(files, description, example, name="ensemble")
+    mlflow.set_tag(tracking.MODEL_URI_TAG, logged.model_uri)
+
+
 def run_cross_validated(config, folds: list[Prepared], name: str, weights: str, experiment: str) -> dict:
     """A parent MLflow run per backbone with a child run per fold; the parent holds each metric's
     mean and 95% CI over folds, and the out-of-fold predictions (every image scored exactly once).
@@ -448,6 +467,8 @@ def run_cross_validated(config, folds: list[Prepared], name: str, weights: str, 
         probabilities = out_of_fold[[f"prob_{c}" for c in first.dataset.class_names]].to_numpy()
         samples = [intake.Sample(source, int(label)) for source, label in zip(out_of_fold.source, out_of_fold.label)]
         _score(first.dataset, samples, probabilities, spec, "oof", config.evaluate, None)
+        if config.tracking.log_model:
+            _log_ensemble(first, [outcome["run_id"] for outcome in outcomes])
         print(f"== {name} {len(folds)}-fold: val_accuracy {summary['val_accuracy_mean']:.4f} "
               f"[{summary['val_accuracy_ci_low']:.4f}, {summary['val_accuracy_ci_high']:.4f}], val_macro_f1 "
               f"{summary['val_macro_f1_mean']:.4f} [{summary['val_macro_f1_ci_low']:.4f}, "
@@ -475,6 +496,8 @@ def run(config) -> tuple:
             run_cross_validated(config, folds, name, weights[name], experiment)
         else:
             run_backbone(config, prepared, name, weights[name], experiment)
+    if config.tracking.log_model:
+        report.register_best(client, prepared.name, "cv" if folds else "bench")
     table, paths = report.build(client, prepared.name, Path(config.tracking.results_dir),
                                 "cv" if folds else "bench", config.evaluate.bootstrap_resamples)
     return table, paths, prepared.name

@@ -111,6 +111,8 @@ def _report(args) -> int:
         config = _config(args)
         client = tracking.connect(config.tracking)
         name = args.dataset or bench.dataset_name(config)
+        if args.source != "sweep":  # sweep trials keep no model
+            report.register_best(client, name, args.source)
         _, paths = report.build(client, name, Path(config.tracking.results_dir), args.source,
                                 config.evaluate.bootstrap_resamples)
     except (*USER_ERRORS, tracking.TrackingUnavailable, LookupError) as err:

@@ -10,13 +10,14 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import tensorflow as tf
 from PIL import Image
 
 import backbones
 
-from . import gradcam, intake, modelfile, pipeline, report, tracking
+from . import gradcam, intake, mlflow_model, modelfile, pipeline, report, tracking
 from .phantoms import cache_root
 
 TTA_VIEWS = "original, horizontal flip, 5% shift right, 5% shift down (mean of 4)"
@@ -60,8 +61,19 @@ def resolve_models(reference: str, tracking_config) -> list[Path]:
     (the bench run or cross-validated ensemble with the best validation macro-F1)."""
     if Path(reference).is_file():
         return [Path(reference)]
+    if reference.startswith("models:/"):  # models:/<name>/<version>, models:/<name>@champion
+        tracking.connect(tracking_config)
+        target = cache_root() / "models" / re.sub(r"[^A-Za-z0-9_.-]", "_", reference.removeprefix("models:/"))
+        if target.exists():
+            shutil.rmtree(target)  # an alias can move: always the version it names now
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=str(target))
+        except mlflow.exceptions.MlflowException as err:
+            raise LookupError(f"{reference}: {err.message}") from None
+        return mlflow_model.member_files(Path(local))
     if not (reference.startswith("best:") or re.fullmatch(r"[0-9a-f]{32}", reference)):
-        raise modelfile.ModelFileError(f"{reference}: neither a model file, an MLflow run id nor best:<data set>")
+        raise modelfile.ModelFileError(f"{reference}: neither a model file, an MLflow run id, models:/<name>@<alias> "
+                                       "nor best:<data set>")
     client = tracking.connect(tracking_config)
     run = (_best_run(client, reference.removeprefix("best:")) if reference.startswith("best:")
            else client.get_run(reference))

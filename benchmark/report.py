@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from sklearn import metrics as skm
 
 from . import plots, stats
-from .tracking import KIND_TAG
+from .tracking import KIND_TAG, REGISTERED_TAG, register_champion
 
 HEADLINE = ["accuracy", "loss", "macro_f1", "roc_auc", "ece"]
 BINARY = ["sensitivity", "specificity", "target_threshold", "target_sensitivity", "target_specificity"]
@@ -52,6 +52,17 @@ def select_runs(client: MlflowClient, experiment_name: str, source: str = "bench
     return [chosen[name] for name in sorted(chosen)]
 
 
+SCORE = {"bench": "val_macro_f1", "cv": "val_macro_f1_mean"}
+
+
+def register_best(client: MlflowClient, experiment_name: str, source: str = "bench") -> str | None:
+    """The best run of the table (validation macro-F1; CV: its mean over folds) registered as
+    tumorbench-<data set> with the `champion` alias, if it beats the current champion."""
+    runs = select_runs(client, experiment_name, source)
+    best = max(runs, key=lambda run: run.data.metrics.get(SCORE[source], -1.0))
+    return register_champion(client, experiment_name, best, SCORE[source])
+
+
 def _metric_names(classes: list[str]) -> list[str]:
     per_class = [f"{metric}_{name}" for name in classes for metric in ("precision", "recall", "f1")]
     return HEADLINE + (BINARY if len(classes) == 2 else []) + per_class
@@ -87,6 +98,7 @@ def comparison_table(runs: list, source: str = "bench") -> pd.DataFrame:
             "train_s": m.get("train_seconds", np.nan),
             "infer_ms_per_image": m.get("inference_ms_per_image", np.nan),
             ("n_images" if source == "cv" else "n_val"): int(float(p.get("n_images", m.get("n_val", 0)))),
+            "registered": run.data.tags.get(REGISTERED_TAG, ""),
             "run_id": run.info.run_id,
         })
         rows.append(row)

@@ -19,6 +19,9 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
 
 KIND_TAG = "tumorbench.kind"
+MODEL_URI_TAG = "tumorbench.model_uri"  # the run's MLflow model (models:/<id>)
+REGISTERED_TAG = "tumorbench.registered"  # "<registered name> v<version>" when the run became a champion
+CHAMPION = "champion"
 PACKAGES = ("tensorflow", "keras", "numpy", "scikit-learn", "mlflow", "optuna", "tumorbench")
 # The user's setting, read once: mlflow.set_tracking_uri() writes this variable itself, so reading
 # it later would return our own last choice instead of the user's.
@@ -130,3 +133,30 @@ def log_figure(figure, name: str) -> None:
 
 def log_json(values, name: str) -> None:
     mlflow.log_text(json.dumps(values, indent=2), name)
+
+
+def registered_name(data_set: str) -> str:
+    return f"tumorbench-{data_set}"
+
+
+def register_champion(client: MlflowClient, data_set: str, run, score_key: str) -> str | None:
+    """Register `run`'s MLflow model as the next version of tumorbench-<data set> and move the
+    `champion` alias to it, when its `score_key` beats the current champion's (or there is none).
+    Returns "<name> v<version>" when it did, None when the champion stays where it is."""
+    name, score = registered_name(data_set), run.data.metrics.get(score_key)
+    uri = run.data.tags.get(MODEL_URI_TAG)
+    if uri is None or score is None:
+        return None
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+        if current.run_id == run.info.run_id or float(current.tags.get("score", "-inf")) >= score:
+            return None
+    except mlflow.exceptions.MlflowException:  # no such model or no champion yet
+        pass
+    version = mlflow.register_model(uri, name, tags={"score": str(score), "score_metric": score_key,
+                                                     "source_run": run.info.run_id})
+    client.set_model_version_tag(name, version.version, "score", str(score))
+    client.set_registered_model_alias(name, CHAMPION, version.version)
+    label = f"{name} v{version.version}"
+    client.set_tag(run.info.run_id, REGISTERED_TAG, label)
+    return label

@@ -246,6 +246,38 @@ def test_runs_carry_dataset_inputs_in_a_model_training_experiment(benched):
     assert len(set(names)) == len(names) and all(n.startswith(r.data.params["backbone"]) for n, r in zip(names, runs))
 
 
+def test_models_are_mlflow_models_and_the_best_is_the_registered_champion(benched):
+    import mlflow.pyfunc
+
+    from benchmark import predict, report
+
+    config, table, _, name = benched
+    client = MlflowClient(tracking.tracking_uri(config.tracking))
+    registered = f"tumorbench-{name}"
+    champion = client.get_model_version_by_alias(registered, "champion")
+    best = table.sort_values("val_macro_f1", ascending=False, kind="stable").iloc[0]
+    assert champion.run_id == best["run_id"]
+    assert best["registered"] == f"{registered} v{champion.version}"
+    assert report.register_best(client, name) is None  # not better than itself: the alias stays
+    assert client.get_model_version_by_alias(registered, "champion").version == champion.version
+
+    files = sorted(bench.data_path(config).rglob("*.png"))[:3]
+    pixels = np.stack([pipeline.resize(intake.load_rgb(f), 32) for f in files])
+    expected = [[row[f"prob_{c}"] for c in ("glioma", "meningioma", "notumor", "pituitary")]
+                for row in predict.run(predict.resolve_models(best["run_id"], config.tracking), [str(f) for f in files])]
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{registered}@champion")  # raw RGB in, probabilities out
+    assert pyfunc.metadata.metadata["tumorbench"]["backbone"] == best["backbone"]
+    got = pyfunc.predict(pixels)
+    assert list(got.columns) == ["prob_glioma", "prob_meningioma", "prob_notumor", "prob_pituitary"]
+    np.testing.assert_allclose(got.to_numpy(), expected, atol=1e-5)
+    by_alias = predict.run(predict.resolve_models(f"models:/{registered}@champion", config.tracking),
+                           [str(f) for f in files])
+    np.testing.assert_allclose([[r[f"prob_{c}"] for c in ("glioma", "meningioma", "notumor", "pituitary")]
+                                for r in by_alias], expected, atol=1e-6)
+    (version_file,) = predict.resolve_models(f"models:/{registered}/{champion.version}", config.tracking)
+    assert version_file.suffix == ".keras"
+
+
 def test_terminal_table_is_compact(benched):
     from benchmark import report
 
