@@ -384,3 +384,54 @@ def test_test_split_is_scored_with_what_validation_chose(tmp_path):
     assert logged["test_ece"] == pytest.approx(stats.expected_calibration_error(test["label"], probabilities))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"reliability_val.png", "reliability_test.png"} <= artifacts
+
+
+def test_the_mlflow_server_shows_training_runs_datasets_models_and_the_champion(benched, tmp_path):
+    """The real MLflow UI server (its REST API) over the benchmark's store, started and stopped here."""
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    config, table, _, name = benched
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", tracking.tracking_uri(config.tracking), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+
+    def call(path, body=None):
+        request = urllib.request.Request(base + path, data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline = time.monotonic() + 180  # a safety limit for a slow start, not what the test measures
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start (exit {server.poll()})")
+                time.sleep(0.5)
+        experiment = call(f"/experiments/get-by-name?experiment_name={name}")["experiment"]
+        tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        runs = call("/runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
+        assert len(runs) == len(table)
+        for run in runs:
+            contexts = sorted(next(t["value"] for t in i["tags"] if t["key"] == "mlflow.data.context")
+                              for i in run["inputs"]["dataset_inputs"])
+            assert contexts == ["train", "validation"]
+        models = call("/logged-models/search", {"experiment_ids": [experiment["experiment_id"]]})["models"]
+        assert sorted(m["info"]["source_run_id"] for m in models) == sorted(r["info"]["run_id"] for r in runs)
+        champion = call(f"/registered-models/alias?name=tumorbench-{name}&alias=champion")["model_version"]
+        best = table.sort_values("val_macro_f1", ascending=False, kind="stable").iloc[0]
+        assert champion["run_id"] == best["run_id"]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
