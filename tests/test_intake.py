@@ -130,19 +130,6 @@ def test_any_decoder_exception_is_a_per_file_reason(tmp_path, monkeypatch, error
     assert load_dataset(root, skip_bad=True).counts("all") == {"no": 4, "yes": 4}
 
 
-def test_check_data_names_every_bad_file_and_skip_bad_counts_them(with_bad_files):
-    command = [sys.executable, "-m", "benchmark", "check-data", str(with_bad_files)]
-    failed = subprocess.run(command, capture_output=True, text=True, env=clean_env())
-    assert failed.returncode == 1
-    for name in ("bomb.png", "corrupt.jpg", "empty.png", "text.png", "truncated.png"):
-        assert name in failed.stderr
-    assert "Traceback" not in failed.stderr + failed.stdout
-    skipped = subprocess.run(command + ["--skip-bad"], capture_output=True, text=True, env=clean_env())
-    assert skipped.returncode == 0, skipped.stderr
-    assert "Traceback" not in skipped.stderr + skipped.stdout
-    assert "5 bad file(s) skipped" in skipped.stdout
-
-
 @pytest.mark.parametrize("make, expected", [
     (lambda r: (image_folder(r), (r / "yes2").mkdir()), "'yes2' holds no images"),
     (lambda r: image_folder(r, classes=("only",)), "only one class"),
@@ -230,12 +217,16 @@ def run_cli(*args):
 
 
 def test_check_data_exit_codes(with_bad_files):
+    """Every bad file named (the decompression bomb too), never a traceback; --skip-bad counts them."""
     failed = run_cli("check-data", str(with_bad_files))
     assert failed.returncode == 1
-    assert "corrupt.jpg" in failed.stderr and "zero-byte" in failed.stderr
+    for name in ("bomb.png", "corrupt.jpg", "empty.png", "text.png", "truncated.png"):
+        assert name in failed.stderr
+    assert "zero-byte" in failed.stderr and "decompression bomb: 225,000,000 pixels" in failed.stderr
     skipped = run_cli("check-data", str(with_bad_files), "--skip-bad")
     assert skipped.returncode == 0
-    assert "4 bad file(s) skipped" in skipped.stdout and "all         8 images: no 4, yes 4" in skipped.stdout
+    assert "5 bad file(s) skipped" in skipped.stdout and "all         8 images: no 4, yes 4" in skipped.stdout
+    assert "Traceback" not in failed.stderr + failed.stdout + skipped.stderr + skipped.stdout
 
 
 @pytest.mark.skipif(not (SHARED / "brain-mri-yes-no").is_dir(), reason="real data ../shared/datasets absent")
