@@ -8,6 +8,7 @@ are one ensemble: their probabilities are averaged. Knows only modelfile and the
 """
 from __future__ import annotations
 
+import warnings
 from importlib import metadata as package_metadata
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
 MEMBER_PREFIX = "member_"
+# MLflow advises type hints on predict for its own input validation; the signature does that here.
+warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
 REQUIREMENTS = ("tensorflow", "keras", "numpy", "pandas", "pillow", "mlflow")
 
 
