@@ -196,11 +196,11 @@ def run_probe(config, prepared: Prepared, built: Built, score_test: bool = True)
     def features(split):
         return _pooled_features(built, pipeline.decoded_images(dataset, parts[split], built.size), batch_size)
 
-    if isinstance(built.feed, feeds.Cached):  # the training views phase 1 trains on, computed once
+    if isinstance(built.feed, feeds.Cached):  # the cache phase 1 trains on; its view 0 is the plain images
         train_views, val_features = built.feed.pooled(built.base, built.spec)
     else:
         train_views, val_features = features("train")[None], features("val")
-    fitted = probe.fit(train_views, [s.label for s in parts["train"]], config.seed)
+    fitted = probe.fit(train_views[:1], [s.label for s in parts["train"]], config.seed)
     mlflow.log_metric("probe_C", probe.regularisation(fitted))
     if config.train.head_init == "probe":  # LP-FT: the linear head starts at the probe
         built.model.get_layer("head_output").set_weights(list(probe.head_weights(fitted)))

@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     perf_cmd.add_argument("--weights", default="none", help="weights for both sides (default none)")
     perf_cmd.add_argument("--trials", type=int, default=0, help="sweep trials to time (default 20, quick 3)")
     perf_cmd.add_argument("--memory", metavar="DATA", help="instead: peak memory of a 224 px bench of DATA "
-                          "(vgg16, resnet50; configs/four-class.toml), written to results/perf-memory.md")
+                          "(efficientnet_lite0, configs/four-class-cv.toml on one split), written to results/perf-memory.md")
     perf_cmd.add_argument("--out", help="default results/perf.md (--memory: results/perf-memory.md)")
     perf_cmd.set_defaults(run=_perf)
 

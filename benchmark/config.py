@@ -73,17 +73,20 @@ class TrainConfig:
     class_weights: bool = True
     verbose: int = 2  # Keras progress display: 0 silent, 1 bar, 2 one line per epoch
     # Frozen layers computed once and cached (0: stream every epoch through the whole model, as the
-    # seeds do). Epoch e trains on augmented view e mod views: fewer views are faster to build,
-    # more views come closer to fresh augmentation every epoch.
+    # seeds do). Epoch e trains on view e mod views (view 0 the plain images, the others augmented):
+    # fewer views are faster to build, more views come closer to fresh augmentation every epoch.
     cache_views: int = 4
     mixed_precision: str = "auto"  # auto (on with a GPU) | on | off
     jit_compile: str = "auto"  # XLA: auto (Keras decides; on with a GPU) | on | off
+    # Run Keras eagerly, without tracing graphs: for debugging, and for tiny runs (the test suite),
+    # where tracing a large backbone's training graph takes longer than the training itself.
+    eager: bool = False
 
 
 @dataclass
 class EvaluateConfig:
     # Linear-probe baseline beside every pretrained run: L2 logistic regression on the frozen pooled
-    # features (the cached training views), its regularisation chosen by CV on the training images.
+    # features of the plain training images, its regularisation chosen by CV on the training images.
     probe: bool = True
     # 2 classes: also choose on validation the threshold reaching this sensitivity and report the
     # specificity it costs (test, if any, is scored with that same threshold); 0 = off.

@@ -1,8 +1,8 @@
 """What each training phase fits, and on what: the full model on streamed images (the seeds' way),
 or only the trainable part on cached outputs of the frozen part (computed once).
 
-With a cache, phase 1 trains the head on pooled base features of `views` augmented copies of
-each training image; phase 2 trains the unfrozen groups on the stored outputs of the frozen
+With a cache, phase 1 trains the head on pooled base features of `views` copies of each training
+image (the image itself, then augmented copies); phase 2 trains the unfrozen groups on the stored outputs of the frozen
 groups below them. Epoch e uses view e mod views, so the views trade fresh augmentation every
 epoch (the seeds) for speed: fewer views, faster; more views, closer to on-the-fly augmentation.
 """
@@ -84,7 +84,7 @@ class Cached:
         self.train_labels, self.val_labels, self.train_weights = train_labels, val_labels, train_weights
         self.preprocess, self.augment, self.seed, self.batch_size = preprocess, augment, seed, batch_size
         self.views = views if (augment is not None and augment.enabled) else 1
-        self.key = {**key, "views": self.views, "seed": seed}
+        self.key = {**key, "views": self.views, "seed": seed, "view0": "plain"}
         self.plan_unfreeze = plan_unfreeze
 
     def _entries(self, base, spec, unfreeze: int) -> dict[str, tuple]:
@@ -130,7 +130,7 @@ class Cached:
         return arrays
 
     def pooled(self, base, spec) -> tuple[np.ndarray, np.ndarray]:
-        """Pooled base features: train (views, N, F) of the augmented views, val (N, F)."""
+        """Pooled base features: train (views, N, F), view 0 the plain images, val (N, F)."""
         arrays = self._arrays(base, spec, 0)
         return arrays[("pooled", "train")], np.asarray(arrays[("pooled", "val")][0])
 

@@ -175,10 +175,11 @@ def _memory_now(pid: int) -> dict[str, float]:
     return {key: int(value.split()[0]) / 2**20 for key, value in fields.items()}
 
 
-def memory(data: str, size: int = 224, views: int = 2, backbones: str = "vgg16,resnet50",
-           config_file: str = "configs/four-class.toml") -> str:
-    """Peak memory of a whole `bench` (decoding, duplicate audit, cache building, one epoch of each
-    phase, evaluation, report) on `data` at `size` px, in a child process sampled every 0.2 s.
+def memory(data: str, size: int = 224, views: int = 2, backbones: str = "efficientnet_lite0",
+           config_file: str = "configs/four-class-cv.toml") -> str:
+    """Peak memory of a whole `bench` of the 4-class recipe (decoding, duplicate audit, feature
+    cache, probe, fine-tuning, evaluation, model logging, report) on `data` at `size` px, one
+    validation split instead of the config's folds, in a child process sampled every 0.2 s.
 
     Cold caches, so their building is inside the measurement. Epochs are 1 + 1: what an epoch
     holds in memory is the same for every epoch, only time grows with more.
@@ -186,7 +187,7 @@ def memory(data: str, size: int = 224, views: int = 2, backbones: str = "vgg16,r
     with tempfile.TemporaryDirectory() as scratch:
         command = [sys.executable, "-m", "benchmark", "bench", "--config", config_file, "--data", data,
                    "--backbones", backbones]
-        for override in (f"model.input_size={size}", f"train.cache_views={views}", "train.epochs1=1",
+        for override in ("data.folds=0", f"model.input_size={size}", f"train.cache_views={views}", "train.epochs1=1",
                          "train.epochs2=1", "train.verbose=0", f'tracking.results_dir="{scratch}"'):
             command += ["--set", override]
         env = {**os.environ, "TUMORBENCH_CACHE": str(Path(scratch) / "cache")}
@@ -211,7 +212,8 @@ def memory(data: str, size: int = 224, views: int = 2, backbones: str = "vgg16,r
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'this machine'} ({os.cpu_count()} CPU cores, "
         f"no GPU) by `python -m benchmark perf --memory {data}`: {backbones} one after another in one process, "
-        f"{images} images, {config_file} with {size} px, {views} cached views, 1 + 1 epochs, cold caches; "
+        f"{images} images, {config_file} on one validation split with {size} px, {views} cached views, "
+        f"1 + 1 epochs, cold caches; "
         f"{seconds / 60:.0f} min.",
         "",
         "| peak over the run (GB) | |",

@@ -63,12 +63,13 @@ def decoded_images(dataset: intake.Dataset, samples: list[intake.Sample], size: 
 
 
 def view_batches(images: np.ndarray, augment, views: int, seed: int, batch_size: int):
-    """(view, start, float32 batch) for `views` augmented passes over `images`, the same every time.
+    """(view, start, float32 batch) for `views` passes over `images`, the same every time.
 
-    View v uses augmentation seeded with seed + v; with augmentation off there is one plain view.
+    View 0 is the images themselves (what the linear probe is fitted on, as the standard probe
+    is); view v > 0 uses augmentation seeded with seed + 7919 v.
     """
     for view in range(views):
-        layers = augmenter(augment, seed + 7919 * view) if augment is not None else None
+        layers = augmenter(augment, seed + 7919 * view) if (augment is not None and view > 0) else None
         for start in range(0, len(images), batch_size):
             batch = tf.convert_to_tensor(np.asarray(images[start:start + batch_size]), tf.float32)
             yield view, start, (layers(batch, training=True) if layers is not None else batch)

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from sklearn import metrics as skm
 
 from . import plots, stats
 from .tracking import KIND_TAG, REGISTERED_TAG, register_champion
@@ -155,7 +154,7 @@ def paired_comparisons(client: MlflowClient, runs: list, source: str, resamples:
             pred_b = joined[[f"{c}_b" for c in probability_columns]].to_numpy().argmax(axis=1)
             truth = joined["label"].to_numpy()
             row = {"split": split, "a": name_a, "b": name_b, "n_images": len(joined)}
-            for metric_name, metric in (("accuracy", skm.accuracy_score), ("macro_f1", _macro_f1)):
+            for metric_name, metric in (("accuracy", stats.accuracy), ("macro_f1", stats.macro_f1)):
                 diff, low, high = stats.paired_bootstrap(truth, pred_a, pred_b, metric, resamples, seed=0)
                 row.update({f"{metric_name}_diff": diff, f"{metric_name}_diff_ci_low": low,
                             f"{metric_name}_diff_ci_high": high})
@@ -164,9 +163,6 @@ def paired_comparisons(client: MlflowClient, runs: list, source: str, resamples:
             rows.append(row)
     return pd.DataFrame(rows)
 
-
-def _macro_f1(y_true, y_pred) -> float:
-    return skm.f1_score(y_true, y_pred, average="macro", zero_division=0)
 
 
 def _cell(value) -> str:

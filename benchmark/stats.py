@@ -21,15 +21,39 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def accuracy(y_true, y_pred) -> np.ndarray:
+    """Accuracy of each row of (resamples, n) labels and predictions (a scalar for 1-D input)."""
+    return (np.asarray(y_true) == np.asarray(y_pred)).mean(axis=-1)
+
+
+def macro_f1(y_true, y_pred) -> np.ndarray:
+    """Macro-F1 of each row, as scikit-learn's f1_score(average="macro", zero_division=0): the mean
+    over the classes present in that row's labels or predictions."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    classes = np.union1d(np.unique(y_true), np.unique(y_pred))
+    per_class = []
+    for c in classes:
+        is_true, is_pred = y_true == c, y_pred == c
+        tp = (is_true & is_pred).sum(axis=-1)
+        wrong = (is_true ^ is_pred).sum(axis=-1)  # false positives + false negatives
+        per_class.append(np.stack([2 * tp, 2 * tp + wrong]))
+    counts = np.stack(per_class)  # (classes, 2, ...)
+    present = counts[:, 1] > 0
+    f1 = np.divide(counts[:, 0], counts[:, 1], out=np.zeros(counts[:, 0].shape), where=present)
+    return f1.sum(axis=0) / present.sum(axis=0)
+
+
 def paired_bootstrap(y_true, pred_a, pred_b, metric: Callable, resamples: int = 2000, seed: int = 0,
                      confidence: float = 0.95) -> tuple[float, float, float]:
     """(metric(a) - metric(b), low, high): percentile interval over images resampled with
-    replacement, the same resample for both models, so what they share cancels out."""
+    replacement, the same resample for both models, so what they share cancels out.
+
+    `metric(y_true, y_pred)` scores each row of (resamples, n) arrays at once (accuracy, macro_f1)."""
     y_true, pred_a, pred_b = (np.asarray(v) for v in (y_true, pred_a, pred_b))
     observed = metric(y_true, pred_a) - metric(y_true, pred_b)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(y_true), size=(resamples, len(y_true)))
-    differences = np.array([metric(y_true[d], pred_a[d]) - metric(y_true[d], pred_b[d]) for d in draws])
+    differences = metric(y_true[draws], pred_a[draws]) - metric(y_true[draws], pred_b[draws])
     tail = 100 * (1 - confidence) / 2
     low, high = np.percentile(differences, [tail, 100 - tail])
     return float(observed), float(low), float(high)

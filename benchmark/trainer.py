@@ -115,13 +115,14 @@ def make_optimizer(learning_rate: float, weight_decay: float = 0.0, decay_steps:
     return keras.optimizers.Adam(schedule)
 
 
-def compile_model(model: keras.Model, n_classes: int, optimizer, jit_compile="auto") -> None:
+def compile_model(model: keras.Model, n_classes: int, optimizer, jit_compile="auto", eager: bool = False) -> None:
     if n_classes == 2:
         loss, accuracy = "binary_crossentropy", keras.metrics.BinaryAccuracy(name="accuracy")
     else:
         loss, accuracy = "sparse_categorical_crossentropy", keras.metrics.SparseCategoricalAccuracy(name="accuracy")
     model.compile(optimizer=optimizer, loss=loss, metrics=[accuracy],
-                  jit_compile={"on": True, "off": False, "auto": "auto"}[jit_compile])
+                  jit_compile=False if eager else {"on": True, "off": False, "auto": "auto"}[jit_compile],
+                  run_eagerly=eager)
 
 
 def _batches_per_epoch(train_data) -> int:
@@ -177,7 +178,7 @@ def train_two_phase(model, base, spec, feed, train_config, n_classes: int, callb
         cosine = phase == 2 and cfg.schedule2 == "cosine"
         decay_steps = epochs * _batches_per_epoch(train_data) if cosine else 0
         compile_model(fit_model, n_classes, make_optimizer(learning_rate, cfg.weight_decay if phase == 2 else 0.0,
-                                                           decay_steps), cfg.jit_compile)
+                                                           decay_steps), cfg.jit_compile, cfg.eager)
         result.trainable_params = sum(int(np.prod(w.shape)) for w in fit_model.trainable_weights)
         scoring = []
         if score:

@@ -21,7 +21,7 @@ from conftest import clean_env
 TINY = [
     "data.phantom_per_class=5", "data.phantom_size=32", "data.val_fraction=0.4",
     'model.weights="none"', "model.input_size=32", "model.head_units=8",
-    "train.epochs1=1", "train.epochs2=1", "train.batch_size=8", "train.verbose=0",
+    "train.epochs1=1", "train.epochs2=1", "train.batch_size=8", "train.verbose=0", "train.eager=true",
 ]
 
 
@@ -154,7 +154,7 @@ def test_phase_two_changes_only_the_unfrozen_groups(name, views, tmp_path, monke
     dataset, parts = _tiny_parts(tmp_path)
     prepared = bench.Prepared(dataset, parts, "tiny", "tiny")
     config = load_config(None, ["train.epochs1=1", "train.epochs2=2", "train.lr2=1e-2", "train.unfreeze=1",
-                                "train.verbose=0", "train.patience=5", "train.batch_size=4",
+                                "train.verbose=0", "train.eager=true", "train.patience=5", "train.batch_size=4",
                                 f"train.cache_views={views}"])
     keras.utils.set_random_seed(0)
     base, _ = backbones.build_base(spec, 32, weights)

@@ -13,8 +13,17 @@ def test_mean_ci_is_the_student_t_interval():
     assert stats.mean_ci([0.8, 0.8, 0.8])[1:] == pytest.approx((0.8, 0.8))
 
 
-def accuracy(y, p):
-    return float((y == p).mean())
+def test_row_wise_metrics_equal_scikit_learn_on_every_resample():
+    from sklearn.metrics import accuracy_score, f1_score
+    rng = np.random.default_rng(3)
+    y_true, y_pred = rng.integers(0, 4, (50, 12)), rng.integers(0, 4, (50, 12))
+    y_true[0], y_pred[0] = 1, 1  # one class only in a row
+    y_pred[1] = 3  # a class never predicted, one never true
+    for row, (y, p) in enumerate(zip(y_true, y_pred)):
+        assert stats.accuracy(y_true, y_pred)[row] == pytest.approx(accuracy_score(y, p))
+        assert stats.macro_f1(y_true, y_pred)[row] == pytest.approx(f1_score(y, p, average="macro", zero_division=0))
+    assert stats.macro_f1(y_true[2], y_pred[2]) == pytest.approx(f1_score(y_true[2], y_pred[2], average="macro",
+                                                                         zero_division=0))
 
 
 def test_paired_bootstrap_covers_the_true_difference_about_95_percent_of_the_time():
@@ -25,7 +34,7 @@ def test_paired_bootstrap_covers_the_true_difference_about_95_percent_of_the_tim
         truth = np.zeros(n, int)
         pred_a = np.where(rng.random(n) < 0.80, 0, 1)
         pred_b = np.where(rng.random(n) < 0.70, 0, 1)
-        diff, low, high = stats.paired_bootstrap(truth, pred_a, pred_b, accuracy, resamples=400,
+        diff, low, high = stats.paired_bootstrap(truth, pred_a, pred_b, stats.accuracy, resamples=400,
                                                  seed=int(rng.integers(1 << 30)))
         assert low <= diff <= high
         covered += low <= 0.10 <= high
@@ -39,7 +48,7 @@ def test_paired_bootstrap_interval_shrinks_when_models_agree():
     pred_a = np.where(rng.random(400) < 0.75, 0, 1)
     pred_b = pred_a.copy()
     pred_b[:8] = 1 - pred_b[:8]  # differ on 8 images only
-    _, low, high = stats.paired_bootstrap(truth, pred_a, pred_b, accuracy, resamples=1000)
+    _, low, high = stats.paired_bootstrap(truth, pred_a, pred_b, stats.accuracy, resamples=1000)
     assert high - low < 0.03
 
 
