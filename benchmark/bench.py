@@ -390,8 +390,8 @@ def finished_fold(config, prepared: Prepared, name: str, experiment: str, fold: 
             try:
                 if Path(client.download_artifacts(run.info.run_id, "config.toml", tmp)).read_text() != wanted:
                     continue
-                outcome = {split: json.loads(Path(client.download_artifacts(
-                    run.info.run_id, f"metrics_{split}.json", tmp)).read_text()) for split in ("val",)}
+                outcome = {"val": json.loads(Path(client.download_artifacts(
+                    run.info.run_id, "metrics_val.json", tmp)).read_text())}
                 predictions = pd.read_csv(client.download_artifacts(run.info.run_id, "predictions_val.csv", tmp))
                 probe_files = [a.path for a in client.list_artifacts(run.info.run_id)
                                if a.path.startswith("predictions_probe_")]
