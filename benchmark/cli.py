@@ -72,7 +72,9 @@ def _predict(args) -> int:
         model_paths = predict.resolve_models(args.model, config.tracking)
         rows = predict.run(model_paths, args.paths, args.batch_size, args.tta, args.threshold,
                            Path(args.explain) if args.explain else None)
-    except (*USER_ERRORS, modelfile.ModelFileError, tracking.TrackingUnavailable, LookupError) as err:
+        class_names = [k.removeprefix("prob_") for k in rows[0] if k.startswith("prob_")] if rows else []
+        scored = predict.score(rows, args.paths, class_names) if args.score else None
+    except (*USER_ERRORS, modelfile.ModelFileError, tracking.TrackingUnavailable, LookupError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if args.out:
@@ -83,6 +85,12 @@ def _predict(args) -> int:
             probs = " ".join(f"{k.removeprefix('prob_')}={v:.4f}" for k, v in row.items()
                              if k.startswith("prob_") and v != "")
             print(f"{row['path']}\t{row['predicted'] or 'ERROR'}\t{probs or row['error']}")
+    if scored:
+        from .metrics import report_text
+        print(f"scored {sum(r['support'] for r in scored['per_class'].values())} images against their class folders "
+              f"({len(model_paths)} model(s){', TTA' if args.tta else ''}): accuracy {scored['accuracy']:.4f}, "
+              f"macro-F1 {scored['macro_f1']:.4f}, ROC-AUC {scored['roc_auc']:.4f}")
+        print(report_text(scored, class_names))
     errors = [row for row in rows if row["error"]]
     for row in errors:
         print(f"error: {row['path']}: {row['error']}", file=sys.stderr)
@@ -217,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict_cmd.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
     predict_cmd.add_argument("--out", help="write rows to a .csv or .json file")
     predict_cmd.add_argument("--tta", action="store_true", help="average over flips and small shifts")
+    predict_cmd.add_argument("--score", action="store_true", help="the images sit in folders named after the "
+                             "model's classes (a held-out test split): print accuracy (most probable class), "
+                             "macro-F1, per-class figures")
     predict_cmd.add_argument("--threshold", type=float, help="2-class models: probability of the second class "
                              "needed to predict it (default: the model's own, else 0.5)")
     predict_cmd.add_argument("--explain", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")

@@ -183,6 +183,30 @@ def run(model_paths: Path | list[Path], paths: list[str], batch_size: int = 32, 
     return rows
 
 
+def score(rows: list[dict], paths: list[str], class_names: list[str], calibration_bins: int = 10) -> dict:
+    """Metrics of the predicted rows against the class folder each image sits in: a folder given in
+    `paths` whose subfolders are named after the model's classes (a held-out test split laid out
+    like the training data). Rows with an error are left out (they are reported on their own)."""
+    from . import metrics
+
+    roots = [Path(p).resolve() for p in paths if Path(p).is_dir()]
+    truth, probs = [], []
+    for row in rows:
+        if row["error"]:
+            continue
+        path = Path(row["path"]).resolve()
+        folder = next((path.relative_to(root).parts[0] for root in roots
+                       if path.is_relative_to(root) and len(path.relative_to(root).parts) > 1), None)
+        if folder not in class_names:
+            raise ValueError(f"{row['path']}: --score needs every image in a subfolder named after one of the "
+                             f"model's classes {class_names} (found {folder or 'no subfolder'})")
+        truth.append(class_names.index(folder))
+        probs.append([row[f"prob_{c}"] for c in class_names])
+    if not truth:
+        raise ValueError("--score: no image could be scored")
+    return metrics.compute(truth, np.asarray(probs, dtype=float), class_names, calibration_bins)
+
+
 def write(rows: list[dict], out: Path) -> None:
     if out.suffix.lower() == ".json":
         out.write_text(json.dumps(rows, indent=1))

@@ -67,6 +67,27 @@ def test_mixed_folder_gives_rows_and_per_file_errors(tmp_path):
     assert len(list((tmp_path / "cams").glob("*_gradcam.png"))) == 2
 
 
+def test_score_compares_predictions_with_the_class_folders(tmp_path):
+    _, path = saved_model(tmp_path)
+    test_split = tmp_path / "Testing"
+    for i in range(6):
+        write_image(test_split / ("no" if i < 4 else "yes") / f"{i}.png", "RGB", (40, 30), seed=10 + i)
+    out = tmp_path / "preds.csv"
+    command = [sys.executable, "-m", "benchmark", "predict", str(path), str(test_split), "--score", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, env=clean_env())
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(out)))
+    truth = [r["path"].split("/")[-2] for r in rows]
+    predicted = [["no", "yes"][int(float(r["prob_yes"]) > float(r["prob_no"]))] for r in rows]
+    accuracy = np.mean([t == p for t, p in zip(truth, predicted)])
+    assert f"scored 6 images against their class folders (1 model(s)): accuracy {accuracy:.4f}," in result.stdout
+    assert f"{'no':<16}" in result.stdout and "confusion matrix" in result.stdout
+
+    write_image(test_split / "stray.png", "RGB", seed=99)  # not in a class folder: refused, by name
+    result = subprocess.run(command, capture_output=True, text=True, env=clean_env())
+    assert result.returncode == 1 and "stray.png: --score needs every image in a subfolder" in result.stderr
+
+
 def test_a_model_file_with_code_is_refused(tmp_path):
     inputs = keras.Input((4,))
     unsafe = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
