@@ -211,7 +211,7 @@ def memory(data: str, size: int = 224, views: int = 2, backbones: str = "efficie
         f"# Memory: `bench` on {intake.data_set_name(data)} at {size} px",
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'this machine'} ({os.cpu_count()} CPU cores, "
-        f"no GPU) by `python -m benchmark perf --memory {data}`: {backbones} one after another in one process, "
+        f"no GPU) by `python -m benchmark perf --memory {data}`: {backbones} (in one process, one after another), "
         f"{images} images, {config_file} on one validation split with {size} px, {views} cached views, "
         f"1 + 1 epochs, cold caches; "
         f"{seconds / 60:.0f} min.",
@@ -228,7 +228,9 @@ def memory(data: str, size: int = 224, views: int = 2, backbones: str = "efficie
         "batches are gathered from its memory map; frozen-layer outputs are written batch by batch into "
         "memory-mapped files and read back a batch at a time. File-backed pages are the kernel's page "
         "cache: they count in VmRSS while memory is free and are dropped, not swapped, when it is short. "
-        "What must fit in RAM is the anonymous part: the model, one batch, and the validation split's "
-        "cached inputs, which are held in RAM for the per-epoch validation pass.",
+        "What must fit in RAM is the anonymous part: TensorFlow, the model and its optimizer state, one "
+        "batch's activations for backpropagation (with every group trained, batches stream from the "
+        "decoded-image map), and, when groups are frozen, the validation split's cached frozen outputs, "
+        "held in RAM for the per-epoch validation pass.",
         "",
     ])
