@@ -83,7 +83,10 @@ def score_by_unfreeze(trials, score_label: str, title: str):
     ax.set_xlabel("unfrozen layer groups (0 = head only)")
     ax.set_ylabel(score_label)
     ax.set_title(f"{title}: score by unfreeze depth")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:  # every trial failed: nothing to plot, and the figure says so
+        ax.text(0.5, 0.5, "no finished trials", ha="center", va="center", transform=ax.transAxes)
     return fig
 
 

@@ -213,9 +213,10 @@ def summarise(client: MlflowClient, study: optuna.Study, parent: str, out_dir: P
         if best.user_attrs.get("mlflow_run_id"):
             client.set_tag(parent, "best_run_id", best.user_attrs["mlflow_run_id"])
     target = f"val_{metric} (best epoch)"
-    figures = {"optimization_history": lambda: optuna.visualization.matplotlib.plot_optimization_history(
-                   study, target_name=target),
-               "unfreeze_depth": lambda: plots.score_by_unfreeze(trials, target, study.study_name)}
+    figures = {"unfreeze_depth": lambda: plots.score_by_unfreeze(trials, target, study.study_name)}
+    if completed:
+        figures["optimization_history"] = lambda: optuna.visualization.matplotlib.plot_optimization_history(
+            study, target_name=target)
     if len(completed) >= 2:
         figures["param_importances"] = lambda: optuna.visualization.matplotlib.plot_param_importances(
             study, target_name=target)
