@@ -4,7 +4,8 @@
 The MLflow model wraps the self-describing `.keras` file(s) (safe-mode loading, tumorbench.json
 inside) and applies the backbone's own preprocessing, so it takes raw RGB images at the model's
 input size and returns class probabilities. Several files (a cross-validated run's fold models)
-are one ensemble: their probabilities are averaged. Knows only modelfile and the backbones.
+are one ensemble: their probabilities are averaged; params={"tta": True} adds test-time views.
+Knows only modelfile, pipeline (the views) and the backbones.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
-from mlflow.types.schema import ColSpec, Schema, TensorSpec
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 MEMBER_PREFIX = "member_"
 REQUIREMENTS = ("tensorflow", "keras", "numpy", "pandas", "pillow", "mlflow")
@@ -40,11 +41,16 @@ class Classifier(mlflow.pyfunc.PythonModel):
         self.class_names = description["class_names"]
 
     def predict(self, context, model_input, params=None):
-        from .metrics import class_probabilities
+        """params={"tta": True} also averages over the test-time views (pipeline.TTA_VIEWS)."""
+        import tensorflow as tf
 
-        images = np.asarray(model_input, dtype=np.float32)
-        probabilities = np.mean([class_probabilities(model.predict(preprocess(images), verbose=0))
-                                 for model, preprocess in self.members], axis=0)
+        from .metrics import class_probabilities
+        from .pipeline import tta_views
+
+        views = tta_views(tf.convert_to_tensor(np.asarray(model_input, dtype=np.float32)),
+                          bool((params or {}).get("tta", False)))
+        probabilities = np.mean([class_probabilities(model.predict(preprocess(view), verbose=0))
+                                 for model, preprocess in self.members for view in views], axis=0)
         return pd.DataFrame(probabilities, columns=[f"prob_{name}" for name in self.class_names])
 
 
@@ -67,13 +73,15 @@ def log(keras_files: list[Path], description: dict, example: np.ndarray, name: s
     size = description["input_size"]
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3))]),
-        outputs=Schema([ColSpec("double", f"prob_{c}") for c in description["class_names"]]))
+        outputs=Schema([ColSpec("double", f"prob_{c}") for c in description["class_names"]]),
+        params=ParamSchema([ParamSpec("tta", "boolean", False)]))
     with tempfile.TemporaryDirectory() as tmp:  # unique names: every fold's file is model.keras
         members = {}
         for i, path in enumerate(keras_files):
             members[f"{MEMBER_PREFIX}{i:02d}"] = shutil.copyfile(path, Path(tmp) / f"{MEMBER_PREFIX}{i:02d}.keras")
         return mlflow.pyfunc.log_model(
-            name=name, python_model=str(Path(__file__).with_name("mlflow_entry.py")), artifacts={k: str(v) for k, v in members.items()},
+            name=name, python_model=str(Path(__file__).with_name("mlflow_entry.py")),
+            artifacts={k: str(v) for k, v in members.items()},
             signature=signature, input_example=np.asarray(example, dtype=np.uint8),
             metadata={"tumorbench": {**description, "ensemble_members": len(keras_files)}},
             pip_requirements=_requirements())

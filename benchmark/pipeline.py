@@ -62,6 +62,18 @@ def decoded_images(dataset: intake.Dataset, samples: list[intake.Sample], size: 
     return cache.cached_array("decoded", key, (len(samples), size, size, 3), np.uint8, fill)
 
 
+TTA_VIEWS = "original, horizontal flip, 5% shift right, 5% shift down (mean of 4)"
+
+
+def tta_views(batch: tf.Tensor, tta: bool = True) -> list[tf.Tensor]:
+    """The test-time views of a (N, H, W, 3) batch whose class probabilities are averaged (TTA_VIEWS);
+    [batch] without TTA."""
+    if not tta:
+        return [batch]
+    shift = max(1, int(batch.shape[1]) // 20)
+    return [batch, tf.reverse(batch, axis=[2]), tf.roll(batch, shift, axis=2), tf.roll(batch, shift, axis=1)]
+
+
 def view_batches(images: np.ndarray, augment, views: int, seed: int, batch_size: int):
     """(view, start, float32 batch) for `views` passes over `images`, the same every time.
 

@@ -20,7 +20,6 @@ import backbones
 from . import gradcam, intake, mlflow_model, modelfile, pipeline, report, tracking
 from .phantoms import cache_root
 
-TTA_VIEWS = "original, horizontal flip, 5% shift right, 5% shift down (mean of 4)"
 CHUNK = 256
 
 
@@ -105,13 +104,6 @@ def _load(path: Path, size: int):
         return None, str(err)
 
 
-def _views(batch: tf.Tensor, tta: bool) -> list[tf.Tensor]:
-    if not tta:
-        return [batch]
-    shift = max(1, int(batch.shape[1]) // 20)
-    return [batch, tf.reverse(batch, axis=[2]), tf.roll(batch, shift, axis=2), tf.roll(batch, shift, axis=1)]
-
-
 def probabilities(model, preprocess, images: np.ndarray, batch_size: int, tta: bool = False) -> np.ndarray:
     """(N, K) class probabilities, batched through tf.data, averaged over TTA views if asked."""
     from .metrics import class_probabilities
@@ -119,7 +111,7 @@ def probabilities(model, preprocess, images: np.ndarray, batch_size: int, tta: b
     ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
     results = []
     for view in range(4 if tta else 1):
-        mapped = ds.map(lambda b, v=view: preprocess(_views(tf.cast(b, tf.float32), tta)[v]),
+        mapped = ds.map(lambda b, v=view: preprocess(pipeline.tta_views(tf.cast(b, tf.float32), tta)[v]),
                         num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
         results.append(class_probabilities(model.predict(mapped, verbose=0)))
     return np.mean(results, axis=0)
@@ -169,7 +161,7 @@ def run(model_paths: Path | list[Path], paths: list[str], batch_size: int = 32, 
         by_path = {path: (i, pixels) for i, (path, pixels) in enumerate(good)}
         for path, (_, error) in zip(chunk, loaded):
             row = {"path": str(path), "predicted": "", **{f"prob_{c}": "" for c in classes},
-                   "tta": TTA_VIEWS if tta else "", "models": len(ensemble), "error": error}
+                   "tta": pipeline.TTA_VIEWS if tta else "", "models": len(ensemble), "error": error}
             if path in by_path:
                 i, pixels = by_path[path]
                 p = probs[i]

@@ -88,6 +88,27 @@ def test_score_compares_predictions_with_the_class_folders(tmp_path):
     assert result.returncode == 1 and "stray.png: --score needs every image in a subfolder" in result.stderr
 
 
+def test_mlflow_model_averages_the_test_time_views_when_asked(tmp_path):
+    import mlflow
+    import mlflow.pyfunc
+
+    from benchmark import mlflow_model
+
+    _, path = saved_model(tmp_path)
+    files = [write_image(tmp_path / "in" / f"{i}.png", "RGB", (40, 30), seed=i) for i in range(4)]
+    pixels = np.stack([pipeline.resize(intake.load_rgb(f), SIZE) for f in files])
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run():
+        info = mlflow_model.log([path, path], modelfile.load(path)[1], pixels[:1])
+    pyfunc = mlflow.pyfunc.load_model(info.model_uri)
+    for tta in (False, True):
+        expected = [r["prob_yes"] for r in predict.run(path, [str(f) for f in files], tta=tta)]
+        got = pyfunc.predict(pixels, params={"tta": tta})
+        np.testing.assert_allclose(got["prob_yes"], expected, atol=1e-5)
+    plain = pyfunc.predict(pixels)["prob_yes"]
+    assert np.abs(got["prob_yes"] - plain).max() > 1e-4  # the views change the answer
+
+
 def test_a_model_file_with_code_is_refused(tmp_path):
     inputs = keras.Input((4,))
     unsafe = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2)(inputs))
