@@ -104,6 +104,12 @@ def _augment_summary(augment) -> str:
             f"zoom={augment.zoom} hflip={augment.horizontal_flip}")
 
 
+# What a run computes from a given config changes with the code now and then (2: the probe is fitted
+# on the plain images, not augmented views). Cross-validation reuses only finished fold runs of the
+# same recipe version, so a resumed CV never mixes folds of an older recipe into its means.
+RECIPE_VERSION = 2
+
+
 def _log_params(config, prepared: Prepared, spec, size: int, weights_used: str) -> None:
     dataset = prepared.dataset
     train, model = config.train, config.model
@@ -118,7 +124,7 @@ def _log_params(config, prepared: Prepared, spec, size: int, weights_used: str) 
         "head_units": model.head_units, "dropout": model.dropout,
         "n_train": len(prepared.parts["train"]), "n_val": len(prepared.parts["val"]),
         "n_test": len(prepared.parts.get("test", [])), "group_duplicates": config.data.group_duplicates,
-        "duplicate_distance": config.data.duplicate_distance,
+        "duplicate_distance": config.data.duplicate_distance, "recipe_version": RECIPE_VERSION,
     })
     mlflow.log_text(config.to_toml(), "config.toml")
     tracking.log_dataset_inputs(prepared.name, prepared.path, {
@@ -377,12 +383,13 @@ def run_backbone(config, prepared: Prepared, name: str, weights: str, experiment
 def finished_fold(config, prepared: Prepared, name: str, experiment: str, fold: int) -> dict | None:
     """The outcome of fold `fold` if MLflow already holds it: a finished fold run of this backbone on
     the same data whose saved config equals this one (so an interrupted cross-validation resumes
-    where it stopped instead of training finished folds again); None otherwise."""
+    where it stopped instead of training finished folds again) by the same RECIPE_VERSION; None otherwise."""
     client = mlflow.tracking.MlflowClient()
     runs = client.search_runs(
         [experiment], f"tags.`{tracking.KIND_TAG}` = 'bench-fold' and tags.`tumorbench.fold` = '{fold + 1}' and "
         f"params.backbone = '{name}' and params.data_fingerprint = '{prepared.dataset.fingerprint}' and "
-        "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+        f"params.recipe_version = '{RECIPE_VERSION}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"])
     wanted = config.to_toml()
     dataset = prepared.dataset
     for run in runs:

@@ -298,7 +298,7 @@ def _artifact_frame(client, run_id, name, tmp_path):
     return pd.read_csv(client.download_artifacts(run_id, name, str(tmp_path)))
 
 
-def test_cross_validation_parent_and_fold_runs_with_intervals_and_pairs(tmp_path):
+def test_cross_validation_parent_and_fold_runs_with_intervals_and_pairs(tmp_path, monkeypatch):
     from benchmark import stats
 
     config = tiny_config(tmp_path, "data.folds=3", 'model.backbones=["vgg16", "efficientnetb0"]',
@@ -345,6 +345,13 @@ def test_cross_validation_parent_and_fold_runs_with_intervals_and_pairs(tmp_path
     for row in again.itertuples():
         children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{row.run_id}'")
         assert sorted(c.info.run_id for c in children) == fold_runs[row.backbone]
+
+    # Runs of an older recipe (the code computes something else from the same config) are not reused.
+    folds = bench.fold_data(config, bench.prepare_data(config))
+    assert bench.finished_fold(config, folds[0], "vgg16", experiment, 0) is not None
+    with monkeypatch.context() as patch:
+        patch.setattr(bench, "RECIPE_VERSION", bench.RECIPE_VERSION + 1)
+        assert bench.finished_fold(config, folds[0], "vgg16", experiment, 0) is None
 
     # A cross-validated run predicts as the ensemble of its fold models: the mean of their probabilities.
     from benchmark import predict
