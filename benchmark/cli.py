@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "run: its fold models as an ensemble), or best:<data set>")
     predict_cmd.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
     predict_cmd.add_argument("--out", help="write rows to a .csv or .json file")
-    predict_cmd.add_argument("--tta", action="store_true", help="average over flips and small shifts")
+    predict_cmd.add_argument("--tta", action="store_true", help="average over the original, a flip and two small rolls")
     predict_cmd.add_argument("--score", action="store_true", help="the images sit in folders named after the "
                              "model's classes (a held-out test split): print accuracy (most probable class), "
                              "macro-F1, per-class figures")
@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     perf_cmd.add_argument("--weights", default="none", help="weights for both sides (default none)")
     perf_cmd.add_argument("--trials", type=int, default=0, help="sweep trials to time (default 20, quick 3)")
     perf_cmd.add_argument("--memory", metavar="DATA", help="instead: peak memory of a 224 px bench of DATA "
-                          "(efficientnet_lite0, configs/four-class-cv.toml on one split), written to results/perf-memory.md")
+                          "(efficientnet_lite0, configs/four-class-cv.toml on one split), written to "
+                          "results/perf-memory.md")
     perf_cmd.add_argument("--out", help="default results/perf.md (--memory: results/perf-memory.md)")
     perf_cmd.set_defaults(run=_perf)
 

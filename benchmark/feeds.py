@@ -2,8 +2,8 @@
 or only the trainable part on cached outputs of the frozen part (computed once).
 
 With a cache, phase 1 trains the head on pooled base features of `views` copies of each training
-image (the image itself, then augmented copies); phase 2 trains the unfrozen groups on the stored outputs of the frozen
-groups below them. Epoch e uses view e mod views, so the views trade fresh augmentation every
+image (the image itself, then augmented copies); phase 2 trains the unfrozen groups on the stored
+outputs of the frozen groups below them. Epoch e uses view e mod views, so the views trade fresh augmentation every
 epoch (the seeds) for speed: fewer views, faster; more views, closer to on-the-fly augmentation.
 """
 from __future__ import annotations

@@ -187,8 +187,9 @@ def memory(data: str, size: int = 224, views: int = 2, backbones: str = "efficie
     with tempfile.TemporaryDirectory() as scratch:
         command = [sys.executable, "-m", "benchmark", "bench", "--config", config_file, "--data", data,
                    "--backbones", backbones]
-        for override in ("data.folds=0", f"model.input_size={size}", f"train.cache_views={views}", "train.epochs1=1",
-                         "train.epochs2=1", "train.verbose=0", f'tracking.results_dir="{scratch}"'):
+        for override in ("data.folds=0", f"model.input_size={size}", f"train.cache_views={views}",
+                         "train.epochs1=1", "train.epochs2=1", "train.verbose=0",
+                         f'tracking.results_dir="{scratch}"'):
             command += ["--set", override]
         env = {**os.environ, "TUMORBENCH_CACHE": str(Path(scratch) / "cache")}
         started = time.perf_counter()

@@ -62,7 +62,7 @@ def decoded_images(dataset: intake.Dataset, samples: list[intake.Sample], size: 
     return cache.cached_array("decoded", key, (len(samples), size, size, 3), np.uint8, fill)
 
 
-TTA_VIEWS = "original, horizontal flip, 5% shift right, 5% shift down (mean of 4)"
+TTA_VIEWS = "original, horizontal flip, 5% roll right, 5% roll down (wrap-around; mean of 4)"
 
 
 def tta_views(batch: tf.Tensor, tta: bool = True) -> list[tf.Tensor]:
