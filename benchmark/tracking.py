@@ -91,8 +91,18 @@ def log_dataset_inputs(name: str, path: str, splits: dict[str, tuple[str, int]])
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(path)
     for split, (digest, count) in splits.items():
-        mlflow.log_input(MetaDataset(source, name=name, digest=digest),
-                         context={"val": "validation"}.get(split, split), tags={"images": str(count)})
+        dataset = MetaDataset(source, name=name, digest=digest)
+        context = {"val": "validation"}.get(split, split)
+        for attempt in range(3):
+            try:
+                mlflow.log_input(dataset, context=context, tags={"images": str(count)})
+                break
+            except mlflow.exceptions.MlflowException:
+                # Two workers of one sweep can insert the same dataset row at once: the store refuses
+                # the second (unique key); tried again, it finds the row and links this run to it.
+                if attempt == 2:
+                    raise
+                time.sleep(0.5)
 
 
 def provenance_tags() -> dict[str, str]:

@@ -400,6 +400,25 @@ def test_test_split_is_scored_with_what_validation_chose(tmp_path):
     assert {"reliability_val.png", "reliability_test.png"} <= artifacts
 
 
+def test_a_dataset_row_another_worker_inserted_first_is_linked_not_fatal(tmp_path, monkeypatch):
+    """Two sweep workers can insert the same dataset row at once; the loser's unique-key error is retried."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    real, calls = mlflow.log_input, []
+
+    def first_call_loses_the_race(*args, **kwargs):
+        calls.append(kwargs["context"])
+        if len(calls) == 1:
+            raise mlflow.exceptions.MlflowException("duplicate key value violates unique constraint \"dataset_pk\"")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_input", first_call_loses_the_race)
+    with mlflow.start_run() as run:
+        tracking.log_dataset_inputs("phantoms", str(tmp_path), {"train": ("abc-1", 10), "val": ("abc-2", 4)})
+    assert calls == ["train", "train", "validation"]
+    inputs = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+    assert sorted(i.dataset.digest for i in inputs) == ["abc-1", "abc-2"]
+
+
 def test_the_mlflow_server_shows_training_runs_datasets_models_and_the_champion(benched, tmp_path):
     """The real MLflow UI server (its REST API) over the benchmark's store, started and stopped here."""
     import socket
