@@ -164,7 +164,6 @@ def paired_comparisons(client: MlflowClient, runs: list, source: str, resamples:
     return pd.DataFrame(rows)
 
 
-
 def _cell(value) -> str:
     if isinstance(value, float | np.floating):
         if np.isnan(value):
