@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -181,12 +182,12 @@ def score(rows: list[dict], paths: list[str], class_names: list[str], calibratio
     like the training data). Rows with an error are left out (they are reported on their own)."""
     from . import metrics
 
-    roots = [Path(p).resolve() for p in paths if Path(p).is_dir()]
+    roots = [Path(os.path.abspath(p)) for p in paths if Path(p).is_dir()]  # symlinks kept: their folder counts
     truth, probs = [], []
     for row in rows:
         if row["error"]:
             continue
-        path = Path(row["path"]).resolve()
+        path = Path(os.path.abspath(row["path"]))
         folder = next((path.relative_to(root).parts[0] for root in roots
                        if path.is_relative_to(root) and len(path.relative_to(root).parts) > 1), None)
         if folder not in class_names:

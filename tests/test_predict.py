@@ -72,6 +72,8 @@ def test_score_compares_predictions_with_the_class_folders(tmp_path):
     test_split = tmp_path / "Testing"
     for i in range(6):
         write_image(test_split / ("no" if i < 4 else "yes") / f"{i}.png", "RGB", (40, 30), seed=10 + i)
+    # a linked file counts for the folder the link sits in, not where it points
+    (test_split / "yes" / "link.png").symlink_to(write_image(tmp_path / "elsewhere" / "x.png", "RGB", seed=7))
     out = tmp_path / "preds.csv"
     command = [sys.executable, "-m", "benchmark", "predict", str(path), str(test_split), "--score", "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, env=clean_env())
@@ -80,7 +82,7 @@ def test_score_compares_predictions_with_the_class_folders(tmp_path):
     truth = [r["path"].split("/")[-2] for r in rows]
     predicted = [["no", "yes"][int(float(r["prob_yes"]) > float(r["prob_no"]))] for r in rows]
     accuracy = np.mean([t == p for t, p in zip(truth, predicted)])
-    assert f"scored 6 images against their class folders (1 model(s)): accuracy {accuracy:.4f}," in result.stdout
+    assert f"scored 7 images against their class folders (1 model(s)): accuracy {accuracy:.4f}," in result.stdout
     assert f"{'no':<16}" in result.stdout and "confusion matrix" in result.stdout
 
     write_image(test_split / "stray.png", "RGB", seed=99)  # not in a class folder: refused, by name
