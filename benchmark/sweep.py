@@ -207,11 +207,13 @@ def summarise(client: MlflowClient, study: optuna.Study, parent: str, out_dir: P
     if completed:
         best = study.best_trial
         # tags, not params: MLflow params can't change, and the best trial does as workers and reruns add trials
-        client.log_batch(parent, metrics=[mlflow.entities.Metric(f"best_val_{metric}", best.value, 0, 0)],
-                         tags=[mlflow.entities.RunTag(f"best_{k}", str(v)) for k, v in best.params.items()])
-        client.set_tag(parent, "best_trial", str(best.number))
+        # Workers finishing together both summarise the parent: race_safe lets the later write update.
+        tags = {f"best_{k}": str(v) for k, v in best.params.items()} | {"best_trial": str(best.number)}
         if best.user_attrs.get("mlflow_run_id"):
-            client.set_tag(parent, "best_run_id", best.user_attrs["mlflow_run_id"])
+            tags["best_run_id"] = best.user_attrs["mlflow_run_id"]
+        tracking.race_safe(client.log_batch, parent, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()],
+                           metrics=[mlflow.entities.Metric(f"best_val_{metric}", best.value,  # step: trials so far
+                                                           int(time.time() * 1000), len(completed))])
     target = f"val_{metric} (best epoch)"
     figures = {"unfreeze_depth": lambda: plots.score_by_unfreeze(trials, target, study.study_name)}
     if completed:

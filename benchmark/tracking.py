@@ -93,16 +93,20 @@ def log_dataset_inputs(name: str, path: str, splits: dict[str, tuple[str, int]])
     for split, (digest, count) in splits.items():
         dataset = MetaDataset(source, name=name, digest=digest)
         context = {"val": "validation"}.get(split, split)
-        for attempt in range(3):
-            try:
-                mlflow.log_input(dataset, context=context, tags={"images": str(count)})
-                break
-            except mlflow.exceptions.MlflowException:
-                # Two workers of one sweep can insert the same dataset row at once: the store refuses
-                # the second (unique key); tried again, it finds the row and links this run to it.
-                if attempt == 2:
-                    raise
-                time.sleep(0.5)
+        race_safe(mlflow.log_input, dataset, context=context, tags={"images": str(count)})
+
+
+def race_safe(write, *args, tries: int = 3, **kwargs):
+    """A store write that two workers of one sweep can make at the same moment (the same dataset row,
+    the same tag of their study's parent run). The store refuses the second insert of a key (a
+    unique-key error from PostgreSQL); tried again, the write finds the row and links or updates it."""
+    for attempt in range(tries):
+        try:
+            return write(*args, **kwargs)
+        except mlflow.exceptions.MlflowException:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.5)
 
 
 def provenance_tags() -> dict[str, str]:

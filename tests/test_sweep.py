@@ -212,3 +212,33 @@ def test_lp_ft_sweeps_search_depth_over_every_group_and_no_head(name):
     sweep.suggest(asked, config, spec)
     assert set(asked.distributions) == {"lr2", "unfreeze", "dropout"}
     assert (asked.distributions["unfreeze"].low, asked.distributions["unfreeze"].high) == (0, len(spec.group_names))
+
+
+def test_two_workers_summarising_one_parent_at_once_leave_the_latest_best(tmp_path, monkeypatch):
+    """Workers that finish together both write the parent's best-trial tags: the one whose insert the
+    store refuses (the other inserted the same tag a moment before) retries and updates it."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.create_run(client.create_experiment("phantoms")).info.run_id
+    study = optuna.create_study(direction="maximize")
+    space = {"lr2": optuna.distributions.FloatDistribution(1e-6, 1e-3, log=True),
+             "unfreeze": optuna.distributions.IntDistribution(0, 2)}
+    study.add_trial(optuna.trial.create_trial(params={"lr2": 1e-4, "unfreeze": 1}, distributions=space, value=0.5))
+    real, calls = client.log_batch, []
+
+    def first_call_loses_the_race(*args, **kwargs):
+        calls.append(sorted(t.key for t in kwargs["tags"]))
+        if len(calls) == 1:
+            raise tracking.mlflow.exceptions.MlflowException(
+                'duplicate key value violates unique constraint "tag_pk"')
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client, "log_batch", first_call_loses_the_race)
+    sweep.summarise(client, study, parent, tmp_path / "sweep", "vgg16", "macro_f1")
+    assert calls == [["best_lr2", "best_trial", "best_unfreeze"]] * 2
+    study.add_trial(optuna.trial.create_trial(params={"lr2": 3e-5, "unfreeze": 2}, distributions=space, value=0.75))
+    sweep.summarise(client, study, parent, tmp_path / "sweep", "vgg16", "macro_f1")  # the later worker
+    run = client.get_run(parent)
+    assert run.data.tags["best_trial"] == "1" and run.data.tags["best_unfreeze"] == "2"
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(parent, "best_val_macro_f1")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.75)]
