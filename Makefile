@@ -14,6 +14,7 @@ TRIALS ?=
 STORAGE ?=
 WORKERS ?= 1
 FOLDS ?=
+FOLD_LIMIT ?=
 
 bench_args = $(if $(BACKBONES),--backbones $(BACKBONES)) $(if $(DATA),--data $(DATA)) \
              --config $(CONFIG) $(if $(WEIGHTS),--weights $(WEIGHTS))
@@ -35,8 +36,10 @@ test: install
 	$(PY) -m pytest -q
 
 # FOLDS=5 cross-validates: mean and 95% CI per metric, paired comparisons on out-of-fold predictions.
+# FOLD_LIMIT=N trains only the first N folds now; a later run without it reuses them.
 bench: install
-	$(PY) -m benchmark bench $(bench_args) $(if $(FOLDS),--folds $(FOLDS))
+	$(PY) -m benchmark bench $(bench_args) $(if $(FOLDS),--folds $(FOLDS)) \
+	  $(if $(FOLD_LIMIT),--set data.fold_limit=$(FOLD_LIMIT))
 
 # WORKERS=N starts N local workers on one study (needs STORAGE=postgresql://...); worker 0 opens it.
 sweep: install

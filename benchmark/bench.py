@@ -6,6 +6,7 @@ import json
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import backbones
 
 from . import (audit, feeds, gradcam, intake, metrics, mlflow_model, modelfile, pipeline, plots, probe, report,
                stats, tracking)
+from .config import fold_recipe
 from .model import build_classifier
 from .phantoms import phantom_dataset
 from .trainer import TrainingFailed, train_two_phase
@@ -390,12 +392,13 @@ def finished_fold(config, prepared: Prepared, name: str, experiment: str, fold: 
         f"params.backbone = '{name}' and params.data_fingerprint = '{prepared.dataset.fingerprint}' and "
         f"params.recipe_version = '{RECIPE_VERSION}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"])
-    wanted = config.to_toml()
+    wanted = fold_recipe(config.to_toml())
     dataset = prepared.dataset
     for run in runs:
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                if Path(client.download_artifacts(run.info.run_id, "config.toml", tmp)).read_text() != wanted:
+                saved = Path(client.download_artifacts(run.info.run_id, "config.toml", tmp)).read_text()
+                if fold_recipe(saved) != wanted:
                     continue
                 outcome = {"val": json.loads(Path(client.download_artifacts(
                     run.info.run_id, "metrics_val.json", tmp)).read_text())}
@@ -408,7 +411,7 @@ def finished_fold(config, prepared: Prepared, name: str, experiment: str, fold: 
                     outcome[f"probe_{split}"] = metrics.compute(
                         frame["label"], frame[[f"prob_{c}" for c in dataset.class_names]].to_numpy(),
                         dataset.class_names, config.evaluate.calibration_bins)
-            except (OSError, ValueError, mlflow.exceptions.MlflowException):
+            except (OSError, ValueError, tomllib.TOMLDecodeError, mlflow.exceptions.MlflowException):
                 continue
         m = run.data.metrics
         costs = {key: m[key] for key in ("train_seconds", "phase1_seconds", "phase2_seconds", "trainable_params",
@@ -437,14 +440,17 @@ def _log_ensemble(prepared: Prepared, fold_run_ids: list[str]) -> None:
 def run_cross_validated(config, folds: list[Prepared], name: str, weights: str, experiment: str) -> dict:
     """A parent MLflow run per backbone with a child run per fold; the parent holds each metric's
     mean and 95% CI over folds, and the out-of-fold predictions (every image scored exactly once).
-    Folds already finished with the same config are reused (and moved under this parent)."""
+    Folds already finished with the same config are reused (and moved under this parent). With
+    data.fold_limit = N only the first N folds are trained and scored (the run name says N of k)."""
     first = folds[0]
     spec = backbones.get(name)
+    scored = folds[:config.data.fold_limit or len(folds)]
+    partial = f"-{len(scored)}of{len(folds)}" if len(scored) < len(folds) else ""
     with mlflow.start_run(experiment_id=experiment,
-                          run_name=tracking.run_name(f"{name}-{weights}-cv{len(folds)}")) as parent:
+                          run_name=tracking.run_name(f"{name}-{weights}-cv{len(folds)}{partial}")) as parent:
         mlflow.set_tags({tracking.KIND_TAG: "bench-cv", **tracking.provenance_tags()})
         outcomes = []
-        for i, fold in enumerate(folds):
+        for i, fold in enumerate(scored):
             outcome = finished_fold(config, fold, name, experiment, i)
             if outcome is None:
                 outcome = run_backbone(config, fold, name, weights, experiment, fold=i)
@@ -452,11 +458,12 @@ def run_cross_validated(config, folds: list[Prepared], name: str, weights: str, 
                 mlflow.tracking.MlflowClient().set_tag(outcome["run_id"], "mlflow.parentRunId", parent.info.run_id)
             outcomes.append(outcome)
         mlflow.log_params({"backbone": name, "weights": outcomes[0]["weights_used"], "weights_requested": weights,
-                           "folds": len(folds), "seed": config.seed, "data_path": first.path,
+                           "folds": len(folds), "folds_scored": len(scored), "seed": config.seed,
+                           "data_path": first.path,
                            "data_fingerprint": first.dataset.fingerprint,
                            "class_names": json.dumps(first.dataset.class_names),
                            "group_duplicates": config.data.group_duplicates,
-                           "n_images": sum(len(fold.parts["val"]) for fold in folds)})
+                           "n_images": sum(len(fold.parts["val"]) for fold in scored)})
         mlflow.log_text(config.to_toml(), "config.toml")
         summary = {}
         for split in ("val", "test", "probe_val", "probe_test"):
@@ -476,7 +483,7 @@ def run_cross_validated(config, folds: list[Prepared], name: str, weights: str, 
         _score(first.dataset, samples, probabilities, spec, "oof", config.evaluate, None)
         if config.tracking.log_model:
             _log_ensemble(first, [outcome["run_id"] for outcome in outcomes])
-        print(f"== {name} {len(folds)}-fold: val_accuracy {summary['val_accuracy_mean']:.4f} "
+        print(f"== {name} {len(folds)}-fold{f' ({len(scored)} folds scored)' if partial else ''}: val_accuracy {summary['val_accuracy_mean']:.4f} "
               f"[{summary['val_accuracy_ci_low']:.4f}, {summary['val_accuracy_ci_high']:.4f}], val_macro_f1 "
               f"{summary['val_macro_f1_mean']:.4f} [{summary['val_macro_f1_ci_low']:.4f}, "
               f"{summary['val_macro_f1_ci_high']:.4f}] run={parent.info.run_id}", flush=True)

@@ -25,6 +25,9 @@ class DataConfig:
     val_fraction: float = 0.2
     skip_bad: bool = False
     folds: int = 0  # > 1: k-fold cross-validation, the same folds for every backbone (bench --folds)
+    # > 0: train only the first N of those folds now (a CV too long for one sitting); the mean is then
+    # over N folds, and a later run with a higher limit reuses them and trains the rest
+    fold_limit: int = 0
     # Exact and near duplicates (the audit's groups) stay on one side of every split and fold, and a
     # val/test image that copies a training image is not scored.
     group_duplicates: bool = True
@@ -206,6 +209,7 @@ RULES: dict[str, tuple] = {
     "data.phantom_size": (_at_least(16), ">= 16"),
     "data.val_fraction": (lambda v: 0 < v < 1, "between 0 and 1, exclusive"),
     "data.folds": (lambda v: v == 0 or v >= 2, "0 (no cross-validation) or >= 2"),
+    "data.fold_limit": (_at_least(0), ">= 0 (0: every fold)"),
     "data.duplicate_distance": (lambda v: 0 <= v <= 256, "0..256 bits"),
     "model.backbones": (lambda v: len(v) > 0, "at least one backbone"),
     "model.input_size": (lambda v: v == 0 or v >= 16, "0 (the backbone's default) or >= 16 pixels"),
@@ -255,6 +259,9 @@ def validate(config: Config) -> Config:
             value = getattr(value, part)
         if not check(value):
             raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
+    if config.data.fold_limit > config.data.folds:
+        raise ConfigError(f"data.fold_limit = {config.data.fold_limit} is not allowed: at most data.folds "
+                          f"({config.data.folds}), with cross-validation (data.folds >= 2)")
     if config.train.head_init == "probe" and config.model.head_units:
         raise ConfigError(f"train.head_init = 'probe' sets a linear head to the linear probe: it needs "
                           f"model.head_units = 0 (got {config.model.head_units})")
@@ -280,6 +287,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             nested = {key: nested}
         _merge(config, nested, f"override {text!r}")
     return validate(config)
+
+
+# Keys that choose which folds a run trains, not what a fold computes: left out when a saved fold
+# run's config is matched against this one for reuse.
+NOT_FOLD_RECIPE = (("data", "fold_limit"),)
+
+
+def fold_recipe(toml_text: str) -> dict:
+    """A saved (or this) config as the values that decide what one fold's run computes."""
+    values = tomllib.loads(toml_text)
+    for section, key in NOT_FOLD_RECIPE:
+        values.get(section, {}).pop(key, None)
+    return values
 
 
 def to_toml(values: dict, prefix: str = "") -> str:
