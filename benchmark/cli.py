@@ -113,12 +113,12 @@ def _perf(args) -> int:
 
 
 def _report(args) -> int:
-    from . import bench, report, tracking
+    from . import recipe, report, tracking
 
     try:
         config = _config(args)
         client = tracking.connect(config.tracking)
-        name = args.dataset or bench.dataset_name(config)
+        name = args.dataset or recipe.dataset_name(config)
         if args.source != "sweep":  # sweep trials keep no model
             report.register_best(client, name, args.source)
         _, paths = report.build(client, name, Path(config.tracking.results_dir), args.source,

@@ -153,7 +153,8 @@ class Cached:
             layers = head_layers(model)
         else:
             x = inputs
-            layers = [layer for layer in head_layers(model) if not isinstance(layer, keras.layers.GlobalAveragePooling2D)]
+            layers = [layer for layer in head_layers(model)
+                      if not isinstance(layer, keras.layers.GlobalAveragePooling2D)]
         for layer in layers:
             x = layer(x)
         fit_model = keras.Model(inputs, x, name=f"{model.name}_{name}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 
-from . import bench, intake, metrics, pipeline, predict, sweep
+from . import intake, metrics, pipeline, predict, recipe, sweep
 from .config import TrainConfig, load_config
 from .trainer import train_two_phase
 
@@ -48,7 +48,7 @@ def perf_config(quick: bool, data: str, weights: str, results_dir: str, views: i
 def timed_run(config, prepared) -> dict:
     """One two-phase run without tracking: per-phase and whole times, validation accuracy."""
     started = time.perf_counter()
-    built = bench.build(config, prepared, "vgg16", config.model.weights)
+    built = recipe.build(config, prepared, "vgg16", config.model.weights)
     result = train_two_phase(built.model, built.base, built.spec, built.feed, config.train,
                              len(prepared.dataset.class_names))
     whole = time.perf_counter() - started
@@ -96,7 +96,7 @@ def timed_sweep(quick: bool, data: str, weights: str, results_dir: str, trials: 
     started = time.perf_counter()
     sweep.run(config)
     seconds = time.perf_counter() - started
-    study = optuna.load_study(study_name=f"{bench.dataset_name(config)}-vgg16", storage=sweep.storage_url(config))
+    study = optuna.load_study(study_name=f"{recipe.dataset_name(config)}-vgg16", storage=sweep.storage_url(config))
     states = [t.state.name.lower() for t in study.trials]
     return {"seconds": seconds, "states": {state: states.count(state) for state in sorted(set(states))},
             "unfreeze1": sum(t.params.get("unfreeze") == 1 for t in study.trials)}
@@ -110,7 +110,7 @@ def run(quick: bool = False, data: str = "", weights: str = "none", trials: int 
     with tempfile.TemporaryDirectory() as scratch:
         os.environ["TUMORBENCH_CACHE"] = str(Path(scratch) / "cache")  # cold caches, counted in (b) and (c)
         configs = [perf_config(quick, data, weights, scratch, views) for _, views in ARMS]
-        prepared = bench.prepare_data(configs[0])
+        prepared = recipe.prepare_data(configs[0])
         for part in ("train", "val"):
             pipeline.decoded_images(prepared.dataset, prepared.parts[part], configs[0].model.input_size)
         timed = []

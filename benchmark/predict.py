@@ -47,7 +47,8 @@ def _best_run(client, data_set: str):
     candidates = []
     for source, key in (("bench", "val_macro_f1"), ("cv", "val_macro_f1_mean")):
         try:
-            candidates += [(run.data.metrics.get(key, -1.0), run) for run in report.select_runs(client, data_set, source)]
+            candidates += [(run.data.metrics.get(key, -1.0), run)
+                           for run in report.select_runs(client, data_set, source)]
         except LookupError:
             continue
     if not candidates:

@@ -1,6 +1,6 @@
 """Optuna studies over the two-phase recipe: one study per backbone and data set.
 
-The objective (suggest, train, score) is separate from the model factory (bench.build). Each
+The objective (suggest, train, score) is separate from the model factory (recipe.build). Each
 trial is an MLflow child run under the study's parent run; the parent gets the best trial and
 Optuna's plots. Storage is Optuna's RDB storage: a SQLite file by default, PostgreSQL for many
 workers, which then coordinate through the database alone.
@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 import backbones
 
-from . import bench, plots, tracking
+from . import plots, recipe, tracking
 from .trainer import TrainingFailed
 
 STUDY_ATTR_PARENT = "mlflow_parent_run_id"
@@ -130,13 +130,13 @@ def make_objective(config, prepared, spec, weights: str, experiment: str, parent
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, config, spec)
         tconfig = trial_config(config, params)
-        built = bench.build(tconfig, prepared, spec.name, weights)  # clears the Keras session first
+        built = recipe.build(tconfig, prepared, spec.name, weights)  # clears the Keras session first
         tags = {tracking.KIND_TAG: "sweep-trial", "mlflow.parentRunId": parent_id, "tumorbench.study": study_name,
                 "tumorbench.trial": str(trial.number), "tumorbench.sweep_metric": metric,
                 **tracking.provenance_tags()}
         with mlflow.start_run(experiment_id=experiment, run_name=f"{spec.name}-trial-{trial.number}", tags=tags):
             try:
-                outcome = bench.train_and_log(tconfig, prepared, built,  # a study never scores test
+                outcome = recipe.train_and_log(tconfig, prepared, built,  # a study never scores test
                                               callbacks=[OptunaPruning(trial, f"val_{metric}")],
                                               score_key=metric, trial=True)
             except optuna.TrialPruned as pruned:
@@ -248,10 +248,10 @@ def run(config, worker: int = 0, workers: int = 1) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if worker > 0:
-        wait_for_study(config, f"{bench.dataset_name(config)}-{config.model.backbones[0]}")
+        wait_for_study(config, f"{recipe.dataset_name(config)}-{config.model.backbones[0]}")
     client = tracking.connect(config.tracking)
-    weights = bench.resolve_weights(config)
-    prepared = bench.prepare_data(config)
+    weights = recipe.resolve_weights(config)
+    prepared = recipe.prepare_data(config)
     experiment = tracking.experiment_id(client, prepared.name, config.tracking)
     for name in config.model.backbones:
         if worker > 0:
@@ -299,6 +299,6 @@ def _trial_in_child(config, name: str, seed: int, parent: str, experiment: str) 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     backbones.load_plugins(config.plugins)
     tracking.connect(config.tracking)
-    prepared = bench.prepare_data(config)
+    prepared = recipe.prepare_data(config)
     study = open_study(config, f"{prepared.name}-{name}", seed)
-    optimize(config, prepared, study, name, bench.resolve_weights(config)[name], experiment, parent, 1)
+    optimize(config, prepared, study, name, recipe.resolve_weights(config)[name], experiment, parent, 1)

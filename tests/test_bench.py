@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, roc_auc_score
 
 import backbones
-from benchmark import bench, intake, metrics, pipeline, tracking
+from benchmark import bench, intake, metrics, pipeline, recipe, tracking
 from benchmark.config import load_config
 from benchmark.model import build_classifier
 from benchmark.trainer import TrainingFailed, train_two_phase
@@ -62,7 +62,7 @@ def test_one_finished_run_and_row_per_backbone(benched):
 def test_logged_metrics_equal_scikit_learn_on_the_saved_model(benched):
     config, table, _, name = benched
     client = MlflowClient(tracking.tracking_uri(config.tracking))
-    prepared = bench.prepare_data(config)
+    prepared = recipe.prepare_data(config)
     val = prepared.parts["val"]
     y = np.array([s.label for s in val])
     classes = prepared.dataset.class_names
@@ -152,7 +152,7 @@ def test_phase_two_changes_only_the_unfrozen_groups(name, views, tmp_path, monke
     weights = "imagenet" if spec.imagenet_make is not None else "none"
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     dataset, parts = _tiny_parts(tmp_path)
-    prepared = bench.Prepared(dataset, parts, "tiny", "tiny")
+    prepared = recipe.Prepared(dataset, parts, "tiny", "tiny")
     config = load_config(None, ["train.epochs1=1", "train.epochs2=2", "train.lr2=1e-2", "train.unfreeze=1",
                                 "train.verbose=0", "train.eager=true", "train.patience=5", "train.batch_size=4",
                                 f"train.cache_views={views}"])
@@ -160,7 +160,7 @@ def test_phase_two_changes_only_the_unfrozen_groups(name, views, tmp_path, monke
     base, _ = backbones.build_base(spec, 32, weights)
     model = build_classifier(base, 32, 2, 8, 0.0)
     snapshots = _Snapshots(base)
-    feed = bench.make_feed(config, prepared, spec, 32, weights)
+    feed = recipe.make_feed(config, prepared, spec, 32, weights)
     result = train_two_phase(model, base, spec, feed, config.train, 2, callbacks=[snapshots])
     assert result.unfrozen == spec.group_names[-1:]
     assert result.phase2_start == 1 and [e["phase"] for e in result.epochs] == [1, 2, 2]
@@ -183,18 +183,18 @@ def test_best_epoch_outputs_are_what_the_restored_model_predicts(name, tmp_path)
     restored model's predictions on the images (the cache stores the frozen prefix as float16)."""
     spec = backbones.get(name)
     dataset, parts = _tiny_parts(tmp_path)
-    prepared = bench.Prepared(dataset, parts, "tiny", "tiny")
+    prepared = recipe.Prepared(dataset, parts, "tiny", "tiny")
     config = load_config(None, ["train.epochs1=2", "train.epochs2=2", "train.lr1=1e-2", "train.lr2=1e-3",
                                 "train.unfreeze=1", "train.verbose=0", "train.batch_size=4", "train.cache_views=2"])
     keras.utils.set_random_seed(0)
     base, _ = backbones.build_base(spec, 32, "none")
     model = build_classifier(base, 32, 2, 8, 0.0)
-    feed = bench.make_feed(config, prepared, spec, 32, "none")
+    feed = recipe.make_feed(config, prepared, spec, 32, "none")
     labels = [s.label for s in parts["val"]]
     result = train_two_phase(model, base, spec, feed, config.train, 2, score=("accuracy", labels, dataset.class_names))
     assert sorted(result.val_outputs) == [e["epoch"] for e in result.epochs]
     assert result.best_epoch == min(result.epochs, key=lambda e: e["val_loss"])["epoch"]
-    on_images = bench._predict(model, dataset, parts["val"], spec, 32, 4)
+    on_images = recipe._predict(model, dataset, parts["val"], spec, 32, 4)
     np.testing.assert_allclose(metrics.class_probabilities(result.best_val_outputs), on_images, atol=2e-3)
 
 
@@ -212,7 +212,7 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path, monkeypatch
     def must_not_run(*args, **kwargs):
         raise AssertionError("training started although the tracking server is unreachable")
 
-    monkeypatch.setattr(bench, "prepare_data", must_not_run)
+    monkeypatch.setattr(recipe, "prepare_data", must_not_run)
     monkeypatch.setattr(bench, "run_backbone", must_not_run)
     config = tiny_config(tmp_path, 'tracking.uri="http://127.0.0.1:9"')
     with pytest.raises(tracking.TrackingUnavailable, match="http://127.0.0.1:9 is unreachable"):
@@ -224,10 +224,10 @@ def test_missing_weights_fall_back_loudly_or_fail(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(tracking.urllib.request, "urlopen", None)  # never used for sqlite; guards the network
     strict = tiny_config(tmp_path, 'model.weights="imagenet"', 'model.backbones=["vgg16"]')
     with pytest.raises(backbones.WeightsUnavailable, match="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"):
-        bench.resolve_weights(strict)
+        recipe.resolve_weights(strict)
     lenient = tiny_config(tmp_path, 'model.weights="imagenet"', 'model.weights_fallback="none"',
                           'model.backbones=["vgg16"]')
-    assert bench.resolve_weights(lenient) == {"vgg16": "none"}
+    assert recipe.resolve_weights(lenient) == {"vgg16": "none"}
     assert "falls back to weights 'none'" in capsys.readouterr().err
 
 
@@ -265,7 +265,7 @@ def test_models_are_mlflow_models_and_the_best_is_the_registered_champion(benche
     assert report.register_best(client, name) is None  # not better than itself: the alias stays
     assert client.get_model_version_by_alias(registered, "champion").version == champion.version
 
-    files = sorted(bench.data_path(config).rglob("*.png"))[:3]
+    files = sorted(recipe.data_path(config).rglob("*.png"))[:3]
     pixels = np.stack([pipeline.resize(intake.load_rgb(f), 32) for f in files])
     expected = [[row[f"prob_{c}"] for c in ("glioma", "meningioma", "notumor", "pituitary")]
                 for row in predict.run(predict.resolve_models(best["run_id"], config.tracking), [str(f) for f in files])]
@@ -359,17 +359,17 @@ def test_cross_validation_parent_and_fold_runs_with_intervals_and_pairs(tmp_path
         assert sorted(c.info.run_id for c in children) == fold_runs[row.backbone]
 
     # Runs of an older recipe (the code computes something else from the same config) are not reused.
-    folds = bench.fold_data(config, bench.prepare_data(config))
+    folds = recipe.fold_data(config, recipe.prepare_data(config))
     assert bench.finished_fold(config, folds[0], "vgg16", experiment, 0) is not None
     with monkeypatch.context() as patch:
-        patch.setattr(bench, "RECIPE_VERSION", bench.RECIPE_VERSION + 1)
+        patch.setattr(recipe, "RECIPE_VERSION", recipe.RECIPE_VERSION + 1)
         assert bench.finished_fold(config, folds[0], "vgg16", experiment, 0) is None
 
     # A cross-validated run predicts as the ensemble of its fold models: the mean of their probabilities.
     from benchmark import predict
     members = predict.resolve_models(again.set_index("backbone").loc["vgg16", "run_id"], config.tracking)
     assert len(members) == 3
-    images = bench.data_path(config)
+    images = recipe.data_path(config)
     rows = predict.run(members, [str(images)], batch_size=4)
     singles = [predict.run(member, [str(images)], batch_size=4) for member in members]
     assert all(row["models"] == 3 for row in rows)

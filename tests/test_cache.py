@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import backbones
-from benchmark import bench, cache, feeds, intake, pipeline
+from benchmark import cache, feeds, intake, pipeline, recipe
 from benchmark.config import load_config
 from benchmark.model import build_classifier, set_trainable
 from benchmark.phantoms import phantom_dataset
@@ -15,7 +15,7 @@ from benchmark.phantoms import phantom_dataset
 @pytest.fixture
 def tiny(tmp_path):
     dataset = intake.load_dataset(phantom_dataset("binary", per_class=6, size=32, seed=3, cache=tmp_path))
-    return bench.Prepared(dataset, intake.split(dataset, 0.34, seed=3), "tiny", "tiny")
+    return recipe.Prepared(dataset, intake.split(dataset, 0.34, seed=3), "tiny", "tiny")
 
 
 def test_head_trained_from_cache_predicts_as_the_full_model(tiny):
@@ -68,7 +68,7 @@ def test_a_changed_input_builds_a_new_cache(tiny, tmp_path, monkeypatch):
         keras.backend.clear_session()
         base, _ = backbones.build_base(spec, 32, "none")
         model = build_classifier(base, 32, 2, 8, 0.0)
-        bench.make_feed(config, prepared, spec, 32, weights).phase(model, base, spec, 0)
+        recipe.make_feed(config, prepared, spec, 32, weights).phase(model, base, spec, 0)
         return {p.name for p in _feature_files(tmp_path)}
 
     config = load_config(None, ["train.cache_views=2", "train.epochs2=0"])
@@ -87,7 +87,7 @@ def test_a_changed_input_builds_a_new_cache(tiny, tmp_path, monkeypatch):
         assert len(after - seen) >= 1, f"changing the {what} reused a stale cache"
         seen |= after
     changed = dataclasses.replace(tiny.dataset, fingerprint="a-changed-file")
-    after = phase_one(config, bench.Prepared(changed, tiny.parts, "tiny", "tiny"))
+    after = phase_one(config, recipe.Prepared(changed, tiny.parts, "tiny", "tiny"))
     assert len(after - seen) == 2, "a changed data file reused a stale cache"
 
 
