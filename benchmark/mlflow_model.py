@@ -19,6 +19,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 MEMBER_PREFIX = "member_"
+BATCH_SIZE = 32
 REQUIREMENTS = ("tensorflow", "keras", "numpy", "pandas", "pillow", "mlflow")
 
 
@@ -42,15 +43,10 @@ class Classifier(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         """params={"tta": True} also averages over the test-time views (pipeline.TTA_VIEWS)."""
-        import tensorflow as tf
+        from .pipeline import ensemble_probabilities
 
-        from .metrics import class_probabilities
-        from .pipeline import tta_views
-
-        views = tta_views(tf.convert_to_tensor(np.asarray(model_input, dtype=np.float32)),
-                          bool((params or {}).get("tta", False)))
-        probabilities = np.mean([class_probabilities(model.predict(preprocess(view), verbose=0))
-                                 for model, preprocess in self.members for view in views], axis=0)
+        probabilities = ensemble_probabilities(self.members, np.asarray(model_input), BATCH_SIZE,
+                                               bool((params or {}).get("tta", False)))
         return pd.DataFrame(probabilities, columns=[f"prob_{name}" for name in self.class_names])
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 
-from . import intake, metrics, pipeline, predict, recipe, sweep
+from . import intake, metrics, pipeline, recipe, sweep
 from .config import TrainConfig, load_config
 from .trainer import train_two_phase
 
@@ -68,11 +68,11 @@ def throughput(built, prepared, batch_size: int, repeats: int = 5) -> tuple[floa
     decoded = np.asarray(pipeline.decoded_images(prepared.dataset, samples, built.size))
     ready = np.asarray(built.spec.preprocess(decoded.astype("float32")))
     timings = {"predict": [], "raw": []}
-    predict.probabilities(built.model, built.spec.preprocess, decoded, batch_size)
+    pipeline.ensemble_probabilities([(built.model, built.spec.preprocess)], decoded, batch_size)
     built.base.predict(ready, batch_size=batch_size, verbose=0)
     for _ in range(repeats):  # alternate the two, so machine noise hits both alike
         started = time.perf_counter()
-        predict.probabilities(built.model, built.spec.preprocess, decoded, batch_size)
+        pipeline.ensemble_probabilities([(built.model, built.spec.preprocess)], decoded, batch_size)
         timings["predict"].append(len(samples) / (time.perf_counter() - started))
         started = time.perf_counter()
         built.base.predict(ready, batch_size=batch_size, verbose=0)

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from . import cache, intake
+from . import cache, intake, metrics
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -63,15 +63,29 @@ def decoded_images(dataset: intake.Dataset, samples: list[intake.Sample], size: 
 
 
 TTA_VIEWS = "original, horizontal flip, 5% roll right, 5% roll down (wrap-around; mean of 4)"
+TTA_VIEW_COUNT = 4
 
 
-def tta_views(batch: tf.Tensor, tta: bool = True) -> list[tf.Tensor]:
-    """The test-time views of a (N, H, W, 3) batch whose class probabilities are averaged (TTA_VIEWS);
-    [batch] without TTA."""
-    if not tta:
-        return [batch]
+def tta_view(batch: tf.Tensor, view: int) -> tf.Tensor:
+    """Test-time view `view` (0..TTA_VIEW_COUNT - 1, as TTA_VIEWS lists them) of a (N, H, W, 3) batch."""
     shift = max(1, int(batch.shape[1]) // 20)
-    return [batch, tf.reverse(batch, axis=[2]), tf.roll(batch, shift, axis=2), tf.roll(batch, shift, axis=1)]
+    return [lambda: batch, lambda: tf.reverse(batch, axis=[2]), lambda: tf.roll(batch, shift, axis=2),
+            lambda: tf.roll(batch, shift, axis=1)][view]()
+
+
+def ensemble_probabilities(members: list[tuple], images: np.ndarray, batch_size: int,
+                           tta: bool = False) -> np.ndarray:
+    """(N, K) class probabilities of raw RGB images (N, H, W, 3), 0..255: the mean over the models
+    of an ensemble ((model, preprocess) pairs; one for a single model) and, with `tta`, over the
+    test-time views. What `predict` and the MLflow model both compute."""
+    ds = tf.data.Dataset.from_tensor_slices(np.asarray(images)).batch(batch_size)
+    results = []
+    for model, preprocess in members:
+        for view in range(TTA_VIEW_COUNT if tta else 1):
+            mapped = ds.map(lambda b, v=view: preprocess(tta_view(tf.cast(b, tf.float32), v)),
+                            num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+            results.append(metrics.class_probabilities(model.predict(mapped, verbose=0)))
+    return np.mean(results, axis=0)
 
 
 def view_batches(images: np.ndarray, augment, views: int, seed: int, batch_size: int):

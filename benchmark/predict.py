@@ -13,7 +13,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import tensorflow as tf
 from PIL import Image
 
 import backbones
@@ -106,19 +105,6 @@ def _load(path: Path, size: int):
         return None, str(err)
 
 
-def probabilities(model, preprocess, images: np.ndarray, batch_size: int, tta: bool = False) -> np.ndarray:
-    """(N, K) class probabilities, batched through tf.data, averaged over TTA views if asked."""
-    from .metrics import class_probabilities
-
-    ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
-    results = []
-    for view in range(4 if tta else 1):
-        mapped = ds.map(lambda b, v=view: preprocess(pipeline.tta_views(tf.cast(b, tf.float32), tta)[v]),
-                        num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-        results.append(class_probabilities(model.predict(mapped, verbose=0)))
-    return np.mean(results, axis=0)
-
-
 def _load_models(model_paths: list[Path]) -> list[tuple]:
     """(model, description, spec) per file; an ensemble's models must agree on classes and input size."""
     loaded = []
@@ -152,8 +138,8 @@ def run(model_paths: Path | list[Path], paths: list[str], batch_size: int = 32, 
         with ThreadPoolExecutor(max_workers=intake.READ_THREADS) as pool:
             loaded = list(pool.map(lambda p: _load(p, size), chunk))
         good = [(path, pixels) for path, (pixels, error) in zip(chunk, loaded) if not error]
-        probs = (np.mean([probabilities(member, member_spec.preprocess, np.stack([p for _, p in good]), batch_size, tta)
-                          for member, _, member_spec in ensemble], axis=0)
+        members = [(member, member_spec.preprocess) for member, _, member_spec in ensemble]
+        probs = (pipeline.ensemble_probabilities(members, np.stack([p for _, p in good]), batch_size, tta)
                  if good else np.zeros((0, len(classes))))
         maps = None
         if explain and good:
