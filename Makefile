@@ -15,6 +15,7 @@ STORAGE ?=
 WORKERS ?= 1
 FOLDS ?=
 FOLD_LIMIT ?=
+AGAINST ?=
 
 bench_args = $(if $(BACKBONES),--backbones $(BACKBONES)) $(if $(DATA),--data $(DATA)) \
              --config $(CONFIG) $(if $(WEIGHTS),--weights $(WEIGHTS))
@@ -57,7 +58,7 @@ report: install
 
 # Exact and near-duplicate images within and across classes and splits: results/<data set>/audit.md.
 audit: install
-	$(PY) -m benchmark audit $(or $(DATA),$(error give DATA=path/to/data))
+	$(PY) -m benchmark audit $(or $(DATA),$(error give DATA=path/to/data)) $(if $(AGAINST),--against $(AGAINST))
 
 check-data: install
 	$(PY) -m benchmark check-data $(DATA)

@@ -165,6 +165,41 @@ def run(dataset: intake.Dataset, max_distance: int) -> Audit:
     return Audit(dataset, max_distance, table, summary)
 
 
+def copies_in(dataset: intake.Dataset, other: intake.Dataset, max_distance: int) -> pd.DataFrame:
+    """Every image of `dataset` with an exact or near copy in `other` (e.g. a set to test on against
+    a set something was trained on), with its closest copy there: one row each."""
+    mine, theirs = labelled_samples(dataset), labelled_samples(other)
+    hashes = perceptual_hashes(dataset, [s for _, s in mine])
+    other_hashes = perceptual_hashes(other, [s for _, s in theirs])
+    by_digest = {other.digests[s.source]: k for k, (_, s) in enumerate(theirs)}
+    rows = []
+    for k, (split, sample) in enumerate(mine):
+        distances = hamming(hashes[k][None], other_hashes) if len(theirs) else np.zeros(0, np.int32)
+        exact = by_digest.get(dataset.digests[sample.source])
+        closest = exact if exact is not None else (int(distances.argmin()) if len(distances) else None)
+        if closest is None or (exact is None and distances[closest] > max_distance):
+            continue
+        other_split, other_sample = theirs[closest]
+        rows.append({"split": split, "class": dataset.class_names[sample.label], "source": sample.source,
+                     "other_split": other_split, "other_class": other.class_names[other_sample.label],
+                     "other_source": other_sample.source, "distance": int(distances[closest]),
+                     "same_bytes": exact is not None})
+    return pd.DataFrame(rows, columns=["split", "class", "source", "other_split", "other_class", "other_source",
+                                       "distance", "same_bytes"])
+
+
+def copies_markdown(copies: pd.DataFrame, dataset: intake.Dataset, other: intake.Dataset, max_distance: int) -> str:
+    images = sum(len(samples) for samples in dataset.splits.values())
+    lines = [f"# Copies of {dataset.name} in {other.name}", "",
+             f"{len(copies)} of {images} images of {dataset.name} have an exact or near copy (pHash-256, at most "
+             f"{max_distance} bits apart) in {other.name}; {int(copies['same_bytes'].sum())} of them the same bytes. "
+             f"A model trained on {other.name} has seen these images: scores on them are not scores on unseen data.",
+             "", "| class here | class there | images |", "|---|---|---:|"]
+    for (here, there), count in copies.groupby(["class", "other_class"]).size().items():
+        lines.append(f"| {here} | {there} | {count} |")
+    return "\n".join(lines) + "\n"
+
+
 def contact_sheet(audit: Audit, pairs: int = 12):
     """Example pairs side by side: label conflicts first, then pairs across splits, then the near
     pairs furthest apart (the closest calls, to judge the threshold by)."""

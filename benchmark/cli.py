@@ -138,13 +138,21 @@ def _audit(args) -> int:
         config = load_config(args.config, list(args.set or []))
         dataset = intake.load_dataset(args.data, config.data.class_names, skip_bad=args.skip_bad)
         distance = args.distance if args.distance is not None else config.data.duplicate_distance
-        found = audit.run(dataset, distance)
+        other = intake.load_dataset(args.against, skip_bad=args.skip_bad) if args.against else None
+        found = audit.run(dataset, distance) if other is None else audit.copies_in(dataset, other, distance)
     except (ConfigError, intake.DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     out_dir = Path(args.out or Path(config.tracking.results_dir) / dataset.name)
-    paths = audit.write(found, out_dir)
-    print(found.markdown())
+    if other is None:
+        paths, text = audit.write(found, out_dir), found.markdown()
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = {"md": out_dir / f"copies-in-{other.name}.md", "csv": out_dir / f"copies-in-{other.name}.csv"}
+        text = audit.copies_markdown(found, dataset, other, distance)
+        paths["md"].write_text(text)
+        found.to_csv(paths["csv"], index=False)
+    print(text)
     print(f"written: {', '.join(str(p) for p in paths.values())}")
     return 0
 
@@ -191,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cmd.add_argument("--distance", type=int, help="near duplicate: hashes at most this many bits apart "
                            "(of 256; default data.duplicate_distance)")
     audit_cmd.add_argument("--out", help="folder for audit.md, duplicates.csv/png (default results/<data set>)")
+    audit_cmd.add_argument("--against", metavar="OTHER", help="instead: which images of DATA have a copy in "
+                           "OTHER (e.g. a test set against a training set): copies-in-<other>.md/.csv")
     audit_cmd.add_argument("--skip-bad", action="store_true", help="leave unreadable files out instead of failing")
     audit_cmd.add_argument("--config", help="TOML file overriding the defaults")
     audit_cmd.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")

@@ -112,3 +112,22 @@ def test_real_yes_no_set_exact_duplicates():
     by_bytes = Counter(dataset.digests.values())
     assert found.summary["exact"] == (sum(n > 1 for n in by_bytes.values()), sum(n for n in by_bytes.values() if n > 1))
     assert found.summary["exact"][0] > 0  # the public set does carry byte-identical copies
+
+
+def test_copies_of_one_set_in_another_are_found_with_their_closest_match(planted, tmp_path):
+    other = tmp_path / "other"
+    original = np.asarray(Image.open(planted / "yes" / "3.png").convert("RGB"))
+    save(other / "tumour" / "rescaled.png", np.asarray(Image.fromarray(original).resize((100, 100), Image.BILINEAR)))
+    save(other / "healthy" / "new.png", phantom("notumor", 777))
+    shutil.copyfile(planted / "no" / "5.png", other / "healthy" / "same.png")
+    copies = audit.copies_in(intake.load_dataset(planted), intake.load_dataset(other), max_distance=12)
+    found = {row.source: (row.other_source, row.other_class, row.same_bytes) for row in copies.itertuples()}
+    assert found == {"yes/3.png": ("tumour/rescaled.png", "tumour", False),
+                     "no/5.png": ("healthy/same.png", "healthy", True)}
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "benchmark", "audit", str(planted), "--against", str(other),
+                             "--out", str(out)], capture_output=True, text=True, env=clean_env())
+    assert result.returncode == 0, result.stderr
+    text = (out / "copies-in-other.md").read_text()
+    assert "2 of 20 images of d have an exact or near copy" in text and "| yes | tumour | 1 |" in text
+    assert len(pd.read_csv(out / "copies-in-other.csv")) == 2
