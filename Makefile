@@ -14,7 +14,7 @@ TRIALS ?=
 STORAGE ?=
 WORKERS ?= 1
 FOLDS ?=
-FOLD_LIMIT ?=
+ONLY_FOLDS ?=
 AGAINST ?=
 
 bench_args = $(if $(BACKBONES),--backbones $(BACKBONES)) $(if $(DATA),--data $(DATA)) \
@@ -37,10 +37,10 @@ test: install
 	$(PY) -m pytest -q
 
 # FOLDS=5 cross-validates: mean and 95% CI per metric, paired comparisons on out-of-fold predictions.
-# FOLD_LIMIT=N trains only the first N folds now; a later run without it reuses them.
+# ONLY_FOLDS=1,2 trains and scores only those folds now; a later run without it reuses them.
 bench: install
 	$(PY) -m benchmark bench $(bench_args) $(if $(FOLDS),--folds $(FOLDS)) \
-	  $(if $(FOLD_LIMIT),--set data.fold_limit=$(FOLD_LIMIT))
+	  $(if $(ONLY_FOLDS),--set data.only_folds=[$(ONLY_FOLDS)])
 
 # WORKERS=N starts N local workers on one study (needs STORAGE=postgresql://...); worker 0 opens it.
 sweep: install

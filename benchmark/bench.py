@@ -100,16 +100,17 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
     """A parent MLflow run per backbone with a child run per fold; the parent holds each metric's
     mean and 95% CI over folds, and the out-of-fold predictions (every image scored exactly once).
     Folds already finished with the same config are reused (and moved under this parent). With
-    data.fold_limit = N only the first N folds are trained and scored (the run name says N of k)."""
+    data.only_folds only those folds are trained and scored (the run name says which)."""
     first = folds[0]
     spec = backbones.get(name)
-    scored = folds[:config.data.fold_limit or len(folds)]
-    partial = f"-{len(scored)}of{len(folds)}" if len(scored) < len(folds) else ""
+    numbers = sorted(config.data.only_folds) or list(range(1, len(folds) + 1))
+    partial = f"-folds{'+'.join(map(str, numbers))}" if len(numbers) < len(folds) else ""
     with mlflow.start_run(experiment_id=experiment,
                           run_name=tracking.run_name(f"{name}-{weights}-cv{len(folds)}{partial}")) as parent:
         mlflow.set_tags({tracking.KIND_TAG: "bench-cv", **tracking.provenance_tags()})
         outcomes = []
-        for i, fold in enumerate(scored):
+        for i in (number - 1 for number in numbers):
+            fold = folds[i]
             outcome = finished_fold(config, fold, name, experiment, i)
             if outcome is None:
                 outcome = run_backbone(config, fold, name, weights, experiment, fold=i)
@@ -117,12 +118,12 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
                 mlflow.tracking.MlflowClient().set_tag(outcome["run_id"], "mlflow.parentRunId", parent.info.run_id)
             outcomes.append(outcome)
         mlflow.log_params({"backbone": name, "weights": outcomes[0]["weights_used"], "weights_requested": weights,
-                           "folds": len(folds), "folds_scored": len(scored), "seed": config.seed,
-                           "recipe.data_path": first.path,
+                           "folds": len(folds), "folds_scored": ",".join(map(str, numbers)), "seed": config.seed,
+                           "data_path": first.path,
                            "data_fingerprint": first.dataset.fingerprint,
                            "class_names": json.dumps(first.dataset.class_names),
                            "group_duplicates": config.data.group_duplicates,
-                           "n_images": sum(len(fold.parts["val"]) for fold in scored)})
+                           "n_images": sum(len(folds[n - 1].parts["val"]) for n in numbers)})
         mlflow.log_text(config.to_toml(), "config.toml")
         summary = {}
         for split in ("val", "test", "probe_val", "probe_test"):
@@ -134,15 +135,15 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
         costs = {key: float(np.nanmean([outcome["costs"].get(key, np.nan) for outcome in outcomes]))
                  for key in outcomes[0]["costs"]}
         mlflow.log_metrics({**costs, "train_seconds": float(sum(outcome["seconds"] for outcome in outcomes))})
-        out_of_fold = pd.concat([outcome["predictions"]["val"].assign(fold=i + 1)
-                                 for i, outcome in enumerate(outcomes)], ignore_index=True)
+        out_of_fold = pd.concat([outcome["predictions"]["val"].assign(fold=number)
+                                 for number, outcome in zip(numbers, outcomes)], ignore_index=True)
         mlflow.log_text(out_of_fold.to_csv(index=False), "predictions_oof.csv")
         probabilities = out_of_fold[[f"prob_{c}" for c in first.dataset.class_names]].to_numpy()
         samples = [intake.Sample(source, int(label)) for source, label in zip(out_of_fold.source, out_of_fold.label)]
         recipe.score_split(first.dataset, samples, probabilities, spec, "oof", config.evaluate, None)
         if config.tracking.log_model:
             _log_ensemble(first, [outcome["run_id"] for outcome in outcomes])
-        scope = f" ({len(scored)} folds scored)" if partial else ""
+        scope = f" (folds {', '.join(map(str, numbers))} alone)" if partial else ""
         print(f"== {name} {len(folds)}-fold{scope}: val_accuracy {summary['val_accuracy_mean']:.4f} "
               f"[{summary['val_accuracy_ci_low']:.4f}, {summary['val_accuracy_ci_high']:.4f}], val_macro_f1 "
               f"{summary['val_macro_f1_mean']:.4f} [{summary['val_macro_f1_ci_low']:.4f}, "

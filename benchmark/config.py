@@ -25,9 +25,9 @@ class DataConfig:
     val_fraction: float = 0.2
     skip_bad: bool = False
     folds: int = 0  # > 1: k-fold cross-validation, the same folds for every backbone (bench --folds)
-    # > 0: train only the first N of those folds now (a CV too long for one sitting); the mean is then
-    # over N folds, and a later run with a higher limit reuses them and trains the rest
-    fold_limit: int = 0
+    # Train and score only these folds (1-based) now, e.g. [1, 2]: a CV too long for one sitting, in
+    # parts; the means are then over these folds, and a later run with more (or all: []) reuses them
+    only_folds: list[int] = field(default_factory=list)
     # Exact and near duplicates (the audit's groups) stay on one side of every split and fold, and a
     # val/test image that copies a training image is not scored.
     group_duplicates: bool = True
@@ -209,7 +209,6 @@ RULES: dict[str, tuple] = {
     "data.phantom_size": (_at_least(16), ">= 16"),
     "data.val_fraction": (lambda v: 0 < v < 1, "between 0 and 1, exclusive"),
     "data.folds": (lambda v: v == 0 or v >= 2, "0 (no cross-validation) or >= 2"),
-    "data.fold_limit": (_at_least(0), ">= 0 (0: every fold)"),
     "data.duplicate_distance": (lambda v: 0 <= v <= 256, "0..256 bits"),
     "model.backbones": (lambda v: len(v) > 0, "at least one backbone"),
     "model.input_size": (lambda v: v == 0 or v >= 16, "0 (the backbone's default) or >= 16 pixels"),
@@ -259,8 +258,9 @@ def validate(config: Config) -> Config:
             value = getattr(value, part)
         if not check(value):
             raise ConfigError(f"{key} = {value!r} is not allowed: {allowed}")
-    if config.data.fold_limit > config.data.folds:
-        raise ConfigError(f"data.fold_limit = {config.data.fold_limit} is not allowed: at most data.folds "
+    only = config.data.only_folds
+    if only and (len(set(only)) != len(only) or not all(1 <= f <= config.data.folds for f in only)):
+        raise ConfigError(f"data.only_folds = {only!r} is not allowed: distinct fold numbers 1..data.folds "
                           f"({config.data.folds}), with cross-validation (data.folds >= 2)")
     if config.train.head_init == "probe" and config.model.head_units:
         raise ConfigError(f"train.head_init = 'probe' sets a linear head to the linear probe: it needs "
@@ -291,7 +291,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 # Keys that choose which folds a run trains, not what a fold computes: left out when a saved fold
 # run's config is matched against this one for reuse.
-NOT_FOLD_RECIPE = (("data", "fold_limit"),)
+NOT_FOLD_RECIPE = (("data", "only_folds"),)
 
 
 def fold_recipe(toml_text: str) -> dict:

@@ -76,8 +76,9 @@ def comparison_table(runs: list, source: str = "bench") -> pd.DataFrame:
         classes = json.loads(p["class_names"])
         row = {"backbone": p["backbone"], "weights": "scratch" if p["weights"] == "none" else p["weights"]}
         if source == "cv":
-            scored = int(p.get("folds_scored", p["folds"]))  # data.fold_limit: the first N of k folds
-            row["folds"] = int(p["folds"]) if scored == int(p["folds"]) else f"{scored} of {p['folds']}"
+            scored = [n for n in p.get("folds_scored", "").split(",") if n]  # data.only_folds: some of k
+            row["folds"] = (f"{'+'.join(scored)} of {p['folds']}" if scored and len(scored) < int(p["folds"])
+                            else int(p["folds"]))
         if run.data.tags.get("tumorbench.trial"):
             row.update({"trial": int(run.data.tags["tumorbench.trial"]), "lr1": float(p["lr1"]),
                         "lr2": float(p["lr2"]), "unfreeze": int(p["unfreeze"]), "dropout": float(p["dropout"]),

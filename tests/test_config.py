@@ -64,7 +64,7 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     ("data.val_fraction=1.0", "data.val_fraction = 1.0 is not allowed: between 0 and 1"),
     ("data.val_fraction=0", "data.val_fraction = 0.0 is not allowed"),
     ("data.folds=1", "data.folds = 1 is not allowed: 0 (no cross-validation) or >= 2"),
-    ("data.fold_limit=2", "data.fold_limit = 2 is not allowed: at most data.folds (0)"),
+    ("data.only_folds=[2]", "data.only_folds = [2] is not allowed: distinct fold numbers 1..data.folds (0)"),
     ("model.dropout=1.0", "model.dropout = 1.0 is not allowed"),
     ("train.schedule2=\"linear\"", "train.schedule2 = 'linear' is not allowed: one of 'plateau', 'cosine'"),
     ("train.cache_views=-1", "train.cache_views = -1 is not allowed"),
@@ -77,6 +77,13 @@ def test_values_that_cant_be_meant_are_refused_by_name(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("folds", ["[1, 1]", "[4]", "[0]"])
+def test_only_folds_must_name_distinct_folds_of_the_cross_validation(folds):
+    with pytest.raises(ConfigError, match=r"data.only_folds = .* is not allowed: distinct fold numbers 1..data.folds \(3\)"):
+        load_config(None, ["data.folds=3", f"data.only_folds={folds}"])
+    assert load_config(None, ["data.folds=3", "data.only_folds=[3, 1]"]).data.only_folds == [3, 1]
 
 
 def test_every_shipped_config_is_valid():
