@@ -129,7 +129,8 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
         for split in ("val", "test", "probe_val", "probe_test"):
             per_fold = [metrics.flatten(outcome[split], split) for outcome in outcomes if split in outcome]
             for key in sorted(set().union(*per_fold)) if per_fold else []:
-                mean, low, high = stats.mean_ci([scores.get(key, np.nan) for scores in per_fold])
+                mean, low, high = stats.mean_ci([scores.get(key, np.nan) for scores in per_fold],
+                                                bounds=metrics.score_range(key))
                 summary.update({f"{key}_mean": mean, f"{key}_ci_low": low, f"{key}_ci_high": high})
         mlflow.log_metrics({k: v for k, v in summary.items() if np.isfinite(v)})
         costs = {key: float(np.nanmean([outcome["costs"].get(key, np.nan) for outcome in outcomes]))

@@ -75,6 +75,12 @@ def flatten(result: dict, prefix: str) -> dict[str, float]:
     return {k: float(v) for k, v in flat.items() if np.isfinite(v)}
 
 
+def score_range(key: str) -> tuple[float, float] | None:
+    """The range of a flattened metric (`flatten`'s keys): 0..1 for every rate; None for the loss and
+    the class counts (support)."""
+    return None if key.endswith("_loss") or "_support_" in key else (0.0, 1.0)
+
+
 def report_text(result: dict, class_names: list[str]) -> str:
     """A human-readable classification report with the confusion matrix."""
     lines = [f"{'class':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]

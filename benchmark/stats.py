@@ -9,8 +9,11 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 
-def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): Student-t interval over fold scores; NaN bounds with fewer than two."""
+def mean_ci(values, confidence: float = 0.95,
+            bounds: tuple[float, float] | None = None) -> tuple[float, float, float]:
+    """(mean, low, high): Student-t interval over fold scores; NaN bounds with fewer than two. With
+    `bounds` (a score's range, e.g. 0..1 for accuracy) the interval is cut to it: with few folds the
+    t interval is wide, and an accuracy interval reaching past 1 says nothing more than one at 1."""
     values = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
     if len(values) == 0:
         return np.nan, np.nan, np.nan
@@ -18,7 +21,8 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float]:
     if len(values) < 2:
         return mean, np.nan, np.nan
     half = float(scipy_stats.t.ppf((1 + confidence) / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
-    return mean, mean - half, mean + half
+    low, high = mean - half, mean + half
+    return (mean, low, high) if bounds is None else (mean, max(low, bounds[0]), min(high, bounds[1]))
 
 
 def accuracy(y_true, y_pred) -> np.ndarray:

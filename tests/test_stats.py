@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from benchmark import stats
+from benchmark import metrics, stats
 
 
 def test_mean_ci_is_the_student_t_interval():
@@ -11,6 +11,10 @@ def test_mean_ci_is_the_student_t_interval():
     assert mean == 3 and low == pytest.approx(3 - half) and high == pytest.approx(3 + half)
     assert np.isnan(stats.mean_ci([0.7])[1])  # one fold: no interval
     assert stats.mean_ci([0.8, 0.8, 0.8])[1:] == pytest.approx((0.8, 0.8))
+    assert [metrics.score_range(k) for k in ("val_accuracy", "val_recall_glioma", "val_loss", "val_support_no")] \
+        == [(0.0, 1.0), (0.0, 1.0), None, None]
+    wide = stats.mean_ci([0.979, 0.962])  # two folds: t = 12.7
+    assert wide[2] > 1 and stats.mean_ci([0.979, 0.962], bounds=(0, 1)) == pytest.approx((wide[0], wide[1], 1.0))
 
 
 def test_row_wise_metrics_equal_scikit_learn_on_every_resample():
