@@ -76,9 +76,11 @@ def flatten(result: dict, prefix: str) -> dict[str, float]:
 
 
 def score_range(key: str) -> tuple[float, float] | None:
-    """The range of a flattened metric (`flatten`'s keys): 0..1 for every rate; None for the loss and
-    the class counts (support)."""
-    return None if key.endswith("_loss") or "_support_" in key else (0.0, 1.0)
+    """The range of a flattened metric (`flatten`'s keys): 0..1 for every rate, 0.. for the loss,
+    None for the class counts (support)."""
+    if "_support_" in key:
+        return None
+    return (0.0, float("inf")) if key.endswith("_loss") else (0.0, 1.0)
 
 
 def report_text(result: dict, class_names: list[str]) -> str:
