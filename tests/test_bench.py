@@ -324,7 +324,7 @@ def test_cross_validation_parent_and_fold_runs_with_intervals_and_pairs(tmp_path
         children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         assert sorted(c.data.tags["tumorbench.fold"] for c in children) == ["1", "2", "3"]
         assert first_two[parent.data.params["backbone"]] < {c.info.run_id for c in children}
-        mean, low, high = stats.mean_ci([c.data.metrics["val_accuracy"] for c in children])
+        mean, low, high = stats.mean_ci([c.data.metrics["val_accuracy"] for c in children], bounds=(0, 1))
         assert parent.data.metrics["val_accuracy_mean"] == pytest.approx(mean)
         assert parent.data.metrics["val_accuracy_ci_low"] == pytest.approx(low)
         oof = _artifact_frame(client, parent.info.run_id, "predictions_oof.csv", tmp_path / parent.info.run_id)
