@@ -109,11 +109,11 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
                           run_name=tracking.run_name(f"{name}-{weights}-cv{len(folds)}{partial}")) as parent:
         mlflow.set_tags({tracking.KIND_TAG: "bench-cv", **tracking.provenance_tags()})
         outcomes = []
-        for i in (number - 1 for number in numbers):
-            fold = folds[i]
-            outcome = finished_fold(config, fold, name, experiment, i)
+        for number in numbers:
+            fold, index = folds[number - 1], number - 1
+            outcome = finished_fold(config, fold, name, experiment, index)
             if outcome is None:
-                outcome = run_backbone(config, fold, name, weights, experiment, fold=i)
+                outcome = run_backbone(config, fold, name, weights, experiment, fold=index)
             else:
                 mlflow.tracking.MlflowClient().set_tag(outcome["run_id"], "mlflow.parentRunId", parent.info.run_id)
             outcomes.append(outcome)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -267,8 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stop_as_interrupted(signum, frame):
+    """`kill` (SIGTERM) ends a command the way Ctrl-C does: the open MLflow runs unwind and are marked
+    FAILED instead of showing RUNNING in the UI forever, and a resumed CV retrains only that fold."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, stop_as_interrupted)
     if args.command not in ("check-data", "audit"):  # TensorFlow's and MLflow's chatter hides the progress lines
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         if not args.verbose:

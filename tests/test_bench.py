@@ -1,7 +1,10 @@
 """End to end on tiny phantoms with random weights: every registered backbone, MLflow, the table."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import keras
 import mlflow
@@ -12,11 +15,11 @@ from mlflow.tracking import MlflowClient
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, roc_auc_score
 
 import backbones
-from benchmark import bench, intake, metrics, pipeline, recipe, tracking
+from benchmark import bench, cli, intake, metrics, pipeline, recipe, tracking
 from benchmark.config import load_config
 from benchmark.model import build_classifier
 from benchmark.trainer import TrainingFailed, train_two_phase
-from conftest import clean_env
+from conftest import clean_env, image_folder
 
 TINY = [
     "data.phantom_per_class=5", "data.phantom_size=32", "data.val_fraction=0.4",
@@ -480,3 +483,20 @@ def test_the_mlflow_server_shows_training_runs_datasets_models_and_the_champion(
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_a_killed_command_leaves_its_run_failed_not_running(tmp_path):
+    """`kill` (SIGTERM, what a scheduler or a terminal's close sends) unwinds a command like Ctrl-C, so
+    the MLflow run it had open ends FAILED instead of staying RUNNING in the UI for ever."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert cli.main(["check-data", str(image_folder(tmp_path / "data"))]) == 0
+        assert signal.getsignal(signal.SIGTERM) is cli.stop_as_interrupted
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+        with pytest.raises(SystemExit) as stopped, mlflow.start_run() as run:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # the handler interrupts this at once
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
