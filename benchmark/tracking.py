@@ -153,17 +153,26 @@ def registered_name(data_set: str) -> str:
     return f"tumorbench-{data_set}"
 
 
+def some_folds_only(run) -> bool:
+    """A cross-validation run of only some of its folds (data.only_folds): its mean covers part of the
+    data and its ensemble part of the fold models, so it never becomes (or stays) the champion."""
+    params = run.data.params
+    return "folds_scored" in params and len(params["folds_scored"].split(",")) < int(params["folds"])
+
+
 def register_champion(client: MlflowClient, data_set: str, run, score_key: str) -> str | None:
     """Register `run`'s MLflow model as the next version of tumorbench-<data set> and move the
-    `champion` alias to it, when its `score_key` beats the current champion's (or there is none).
+    `champion` alias to it, when its `score_key` beats the current champion's (or there is none, or
+    that one covers only some folds).
     Returns "<name> v<version>" when it did, None when the champion stays where it is."""
     name, score = registered_name(data_set), run.data.metrics.get(score_key)
     uri = run.data.tags.get(MODEL_URI_TAG)
-    if uri is None or score is None:
+    if uri is None or score is None or some_folds_only(run):
         return None
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
-        if current.run_id == run.info.run_id or float(current.tags.get("score", "-inf")) >= score:
+        if current.run_id == run.info.run_id or (float(current.tags.get("score", "-inf")) >= score
+                                                 and not some_folds_only(client.get_run(current.run_id))):
             return None
     except mlflow.exceptions.MlflowException:  # no such model or no champion yet
         pass

@@ -312,6 +312,7 @@ def test_cross_validation_parent_and_fold_runs_with_intervals_and_pairs(tmp_path
     client = MlflowClient(tracking.tracking_uri(config.tracking))
     experiment = client.get_experiment_by_name(name).experiment_id
     assert list(partial["folds"]) == ["1+3 of 3", "1+3 of 3"]
+    assert (partial["registered"] == "").all()  # part of a CV is never the champion
     first_two = {}
     for row in partial.itertuples():
         children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{row.run_id}'")
@@ -320,6 +321,7 @@ def test_cross_validation_parent_and_fold_runs_with_intervals_and_pairs(tmp_path
         first_two[row.backbone] = {c.info.run_id for c in children}
     # ... and the rest later: the whole CV reuses those two folds and trains only fold 2.
     table, paths, name = bench.run(config)
+    assert (table["registered"] != "").sum() == 1  # the whole CV's best backbone is
     parents = [client.get_run(run_id) for run_id in table["run_id"]]
     assert sorted(p.data.params["backbone"] for p in parents) == ["efficientnetb0", "vgg16"]
     out_of_fold = {}
