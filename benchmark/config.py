@@ -294,11 +294,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 NOT_FOLD_RECIPE = (("data", "only_folds"),)
 
 
-def fold_recipe(toml_text: str) -> dict:
-    """A saved (or this) config as the values that decide what one fold's run computes."""
-    values = tomllib.loads(toml_text)
+def fold_recipe(toml_text: str) -> dict | None:
+    """A saved (or this) config as the values that decide what one fold's run computes. A key the
+    saved config lacks (a setting added since, whose default keeps the old behaviour) counts at its
+    default; a saved key that no longer exists makes it match nothing (None)."""
+    config = Config()
+    try:
+        _merge(config, tomllib.loads(toml_text), "saved config")
+    except (ConfigError, tomllib.TOMLDecodeError):
+        return None
+    values = config.to_dict()
     for section, key in NOT_FOLD_RECIPE:
-        values.get(section, {}).pop(key, None)
+        values[section].pop(key)
     return values
 
 

@@ -90,3 +90,19 @@ def test_every_shipped_config_is_valid():
     from pathlib import Path
     for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*.toml")):
         load_config(path)
+
+
+def test_fold_reuse_compares_configs_with_defaults_filled_in():
+    """A fold saved before a setting existed matches a config with that setting at its default;
+    another value, an unknown key or an unreadable file does not; the fold list never counts."""
+    from benchmark.config import fold_recipe, to_toml
+
+    config = load_config(None, ["data.folds=5", "data.only_folds=[2]", "train.lr2=2e-4"])
+    saved = tomllib.loads(config.to_toml())
+    del saved["train"]["patience"], saved["data"]["only_folds"]  # as an older version wrote it
+
+    assert fold_recipe(to_toml(saved)) == fold_recipe(config.to_toml())
+    assert fold_recipe(load_config(None, ["data.folds=5", "train.lr2=3e-4"]).to_toml()) != fold_recipe(config.to_toml())
+    saved["train"]["retired_setting"] = 1
+    assert fold_recipe(to_toml(saved)) is None
+    assert fold_recipe("not [valid") is None
