@@ -110,10 +110,10 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
         mlflow.set_tags({tracking.KIND_TAG: "bench-cv", **tracking.provenance_tags()})
         outcomes = []
         for number in numbers:
-            fold, index = folds[number - 1], number - 1
-            outcome = finished_fold(config, fold, name, experiment, index)
+            index = number - 1
+            outcome = finished_fold(config, folds[index], name, experiment, index)
             if outcome is None:
-                outcome = run_backbone(config, fold, name, weights, experiment, fold=index)
+                outcome = run_backbone(config, folds[index], name, weights, experiment, fold=index)
             else:
                 mlflow.tracking.MlflowClient().set_tag(outcome["run_id"], "mlflow.parentRunId", parent.info.run_id)
             outcomes.append(outcome)
