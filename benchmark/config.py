@@ -72,6 +72,10 @@ class TrainConfig:
     # on the cached features, and skips those epochs (LP-FT: fine-tuning starts from the probe).
     head_init: str = "train"
     weight_decay: float = 0.0  # phase 2: AdamW with this decoupled weight decay (0: Adam)
+    # Pretrained BatchNormalization in the unfrozen groups: "frozen" keeps the ImageNet statistics in
+    # inference mode (the Keras guide, safest for small sets); "train" normalises with batch
+    # statistics and updates them, adapting them to MRI (a base trained from scratch always trains them).
+    batchnorm: str = "frozen"
     schedule2: str = "plateau"  # phase 2 learning rate: plateau (ReduceLROnPlateau) | cosine (decay to 0)
     class_weights: bool = True
     verbose: int = 2  # Keras progress display: 0 silent, 1 bar, 2 one line per epoch
@@ -231,6 +235,7 @@ RULES: dict[str, tuple] = {
     "train.head_init": _one_of("train", "probe"),
     "train.weight_decay": (_at_least(0), ">= 0"),
     "train.schedule2": _one_of("plateau", "cosine"),
+    "train.batchnorm": _one_of("frozen", "train"),
     "train.verbose": _one_of(0, 1, 2),
     "train.cache_views": (_at_least(0), ">= 0 (0: stream)"),
     "train.mixed_precision": _one_of("auto", "on", "off"),

@@ -78,8 +78,9 @@ class Cached:
 
     def __init__(self, train_images, train_labels, train_weights, val_images, val_labels, preprocess, augment,
                  views: int, seed: int, batch_size: int, key: dict, plan_unfreeze: int = 0,
-                 stream: Streamed | None = None):
+                 stream: Streamed | None = None, batch_statistics: bool = False):
         self.stream = stream  # used when nothing is frozen: caching the input saves nothing then
+        self.batch_statistics = batch_statistics  # as model.build_classifier's
         self.train_images, self.val_images = train_images, val_images
         self.train_labels, self.val_labels, self.train_weights = train_labels, val_labels, train_weights
         self.preprocess, self.augment, self.seed, self.batch_size = preprocess, augment, seed, batch_size
@@ -149,7 +150,8 @@ class Cached:
         if unfreeze > 0:
             boundary = boundary_layer(base, spec, unfreeze)
             suffix = keras.Model(base.get_layer(boundary).output, base.output) if boundary else base
-            x = suffix(inputs, training=False)  # BatchNormalization stays in inference mode
+            # Pretrained BatchNormalization stays in inference mode unless it trains batch statistics
+            x = suffix(inputs) if self.batch_statistics else suffix(inputs, training=False)
             layers = head_layers(model)
         else:
             x = inputs

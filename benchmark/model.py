@@ -5,16 +5,19 @@ import keras
 
 
 def build_classifier(base: keras.Model, input_size: int, n_classes: int, head_units: int = 256,
-                     dropout: float = 0.5, from_scratch: bool = False) -> keras.Model:
+                     dropout: float = 0.5, batch_statistics: bool = False) -> keras.Model:
     """GlobalAveragePooling -> Dense(head_units, relu) -> Dropout -> softmax (or one sigmoid for 2 classes).
 
     A pretrained base is called with training=False so its BatchNormalization layers stay in
     inference mode even when unfrozen (Keras transfer-learning guide): their ImageNet statistics
-    are part of the weights. A base trained `from_scratch` has no statistics worth keeping, so its
-    BatchNormalization layers normalise with batch statistics while training.
+    are part of the weights. With `batch_statistics` (a base trained from scratch, which has no
+    statistics worth keeping, or train.batchnorm = "train") the base follows the training flag: the
+    BatchNormalization layers `set_trainable` unfreezes normalise with batch statistics while
+    training and update their moving statistics; frozen ones stay in inference mode regardless
+    (Keras 3 runs a non-trainable BatchNormalization layer in inference mode).
     """
     inputs = keras.Input((input_size, input_size, 3), name="image")
-    x = base(inputs) if from_scratch else base(inputs, training=False)
+    x = base(inputs) if batch_statistics else base(inputs, training=False)
     x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
     if head_units:
         x = keras.layers.Dense(head_units, activation="relu", name="head_dense")(x)
@@ -42,3 +45,30 @@ def set_trainable(base: keras.Model, spec, unfreeze: int, train_batchnorm: bool 
             train_batchnorm or not isinstance(layer, keras.layers.BatchNormalization))
     return sorted(groups, key=spec.group_names.index)
 
+
+
+def adapt_batchnorm(base: keras.Model, spec, unfreeze: int, batches) -> int:
+    """AdaBN (Li et al. 2016): set the moving statistics of the BatchNormalization layers in the top
+    `unfreeze` groups to the mean of their batch statistics over `batches` (preprocessed images).
+
+    Fine-tuning with batch statistics (train.batchnorm = "train") normalises with statistics of MRI
+    batches, not ImageNet's; a head fitted on features normalised the ImageNet way (the linear probe)
+    would then start far off. Adapting first lets the probe, its head and fine-tuning see the same
+    features. Each layer's statistics are those of its inputs in training mode, i.e. with every
+    adapted layer below it already normalising by batch. Returns the number of layers adapted; the
+    base is left frozen."""
+    set_trainable(base, spec, unfreeze, train_batchnorm=True)
+    layers = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    momenta = [layer.momentum for layer in layers]
+    seen = 0
+    try:
+        for batch in batches:
+            for layer in layers:  # the running mean becomes the mean over images seen so far
+                layer.momentum = seen / (seen + len(batch))
+            base(batch, training=True)
+            seen += len(batch)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        set_trainable(base, spec, 0)
+    return len(layers)

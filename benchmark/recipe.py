@@ -21,7 +21,7 @@ import tensorflow as tf
 import backbones
 
 from . import audit, feeds, gradcam, intake, metrics, mlflow_model, modelfile, pipeline, plots, probe, stats, tracking
-from .model import build_classifier
+from .model import adapt_batchnorm, build_classifier
 from .phantoms import phantom_dataset
 from .trainer import TrainingFailed, train_two_phase
 
@@ -120,7 +120,7 @@ def _log_params(config, prepared: Prepared, spec, size: int, weights_used: str) 
         "preprocessing": spec.preprocessing, "lr1": train.lr1, "lr2": train.lr2, "unfreeze": train.unfreeze,
         "epochs1": train.epochs1, "epochs2": train.epochs2, "batch_size": train.batch_size,
         "augmentation": _augment_summary(config.augment), "class_weights": train.class_weights,
-        "cache_views": train.cache_views,
+        "cache_views": train.cache_views, "batchnorm": "train" if batch_statistics(config, weights_used) else "frozen",
         "seed": config.seed, "data_path": prepared.path, "data_fingerprint": dataset.fingerprint,
         "class_names": json.dumps(dataset.class_names), "class_to_index": json.dumps(dataset.class_to_index),
         "head_units": model.head_units, "dropout": model.dropout,
@@ -260,6 +260,11 @@ def set_precision(train_config) -> str:
     return policy
 
 
+def batch_statistics(config, weights_used: str) -> bool:
+    """Whether unfrozen BatchNormalization layers normalise with batch statistics while training."""
+    return weights_used == "none" or config.train.batchnorm == "train"
+
+
 def make_feed(config, prepared: Prepared, spec, size: int, weights_used: str):
     """Cached frozen-layer outputs (train.cache_views > 0) or the full model streamed every epoch."""
     dataset, parts, train = prepared.dataset, prepared.parts, config.train
@@ -274,25 +279,33 @@ def make_feed(config, prepared: Prepared, spec, size: int, weights_used: str):
         return streamed
     key = {"backbone": spec.name, "size": size, "weights": weights_used, "augment": dataclasses.asdict(config.augment),
            "fingerprint": dataset.fingerprint, "train": intake.samples_hash(parts["train"]),
-           "val": intake.samples_hash(parts["val"]), "policy": keras.mixed_precision.global_policy().name}
+           "val": intake.samples_hash(parts["val"]), "policy": keras.mixed_precision.global_policy().name,
+           "batchnorm": "adapted" if weights_used != "none" and train.batchnorm == "train" else "as loaded"}
     return feeds.Cached(
         pipeline.decoded_images(dataset, parts["train"], size), pipeline.label_array(parts["train"], n_classes),
         None if weights is None else weights[train_labels].astype("float32"),
         pipeline.decoded_images(dataset, parts["val"], size), pipeline.label_array(parts["val"], n_classes),
         spec.preprocess, config.augment, train.cache_views, config.seed, train.batch_size, key,
-        plan_unfreeze=train.unfreeze if train.epochs2 > 0 else 0, stream=streamed)
+        plan_unfreeze=train.unfreeze if train.epochs2 > 0 else 0, stream=streamed,
+        batch_statistics=batch_statistics(config, weights_used))
 
 
 def build(config, prepared: Prepared, name: str, weights: str) -> Built:
-    """The model factory: a fresh Keras session, seeded, base + head, and the feed for it."""
+    """The model factory: a fresh Keras session, seeded, base + head, and the feed for it. With
+    train.batchnorm = "train" the pretrained base's BatchNormalization statistics are first adapted
+    to the plain training images (AdaBN), so the probe, the head and fine-tuning share them."""
     spec = backbones.get(name)
     size = config.model.input_size or spec.input_size
     keras.backend.clear_session()
     keras.utils.set_random_seed(config.seed)
     set_precision(config.train)
     base, weights_used = backbones.build_base(spec, size, weights)
+    if weights_used != "none" and config.train.batchnorm == "train":
+        images = pipeline.decoded_images(prepared.dataset, prepared.parts["train"], size)
+        adapt_batchnorm(base, spec, config.train.unfreeze, (spec.preprocess(batch) for _, _, batch in
+                                                           pipeline.view_batches(images, None, 1, 0, config.train.batch_size)))
     model = build_classifier(base, size, len(prepared.dataset.class_names), config.model.head_units,
-                             config.model.dropout, from_scratch=weights_used == "none")
+                             config.model.dropout, batch_statistics=batch_statistics(config, weights_used))
     return Built(spec, size, base, model, weights_used, make_feed(config, prepared, spec, size, weights_used))
 
 

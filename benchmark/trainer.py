@@ -169,7 +169,7 @@ def train_two_phase(model, base, spec, feed, train_config, n_classes: int, callb
             print(f"-- {spec.name}: phase 1: " + ("every layer trains (from scratch)" if from_scratch
                                                   else "head on the frozen base") + f" at lr {learning_rate:g}",
                   flush=True)
-        unfrozen = set_trainable(base, spec, unfreeze, train_batchnorm=from_scratch)
+        unfrozen = set_trainable(base, spec, unfreeze, train_batchnorm=from_scratch or cfg.batchnorm == "train")
         if phase == 2:
             result.unfrozen = unfrozen
         fit_model, train_data, val_data = feed.phase(model, base, spec, unfreeze)

@@ -17,7 +17,7 @@ from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_su
 import backbones
 from benchmark import bench, cli, intake, metrics, pipeline, recipe, tracking
 from benchmark.config import load_config
-from benchmark.model import build_classifier
+from benchmark.model import adapt_batchnorm, build_classifier
 from benchmark.trainer import TrainingFailed, train_two_phase
 from conftest import clean_env, image_folder
 
@@ -178,6 +178,85 @@ def test_phase_two_changes_only_the_unfrozen_groups(name, views, tmp_path, monke
         elif not same:
             changed_top = True
     assert changed_top, "no weight of the unfrozen group changed in phase 2"
+
+
+def _toy_base():
+    """Two conv + BatchNormalization groups (b1 below b2) and a spec for them."""
+    inputs = keras.Input((8, 8, 3), name="b1_input")
+    x = keras.layers.BatchNormalization(name="b1_bn")(keras.layers.Conv2D(4, 3, name="b1_conv")(inputs))
+    x = keras.layers.BatchNormalization(name="b2_bn")(keras.layers.Conv2D(5, 3, name="b2_conv")(x))
+    spec = backbones.BackboneSpec("toy", None, None, "", 8, (("b1", ("b1_",)), ("b2", ("b2_",))), "b2_conv")
+    return keras.Model(inputs, x), spec
+
+
+@pytest.mark.parametrize("unfreeze", [1, 2])
+def test_adapted_batchnorm_holds_the_training_images_statistics(unfreeze):
+    """AdaBN: the adapted layers' moving mean and variance are the mean over batches of their
+    inputs' batch statistics (each input computed with the adapted layers below normalising by
+    batch); layers of frozen groups keep theirs; the base is left frozen, momenta untouched."""
+    keras.utils.set_random_seed(0)
+    base, spec = _toy_base()
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(3.0, 2.0, (6, 8, 8, 3)).astype("float32") for _ in range(3)]
+    loaded = {name: [w.numpy().copy() for w in base.get_layer(name).weights] for name in ("b1_bn", "b2_bn")}
+    assert adapt_batchnorm(base, spec, unfreeze, iter(batches)) == unfreeze
+    b1 = base.get_layer("b1_bn")
+
+    def by_batch(x):  # b1 normalising with its batch statistics (gamma 1, beta 0 as initialised)
+        x = np.asarray(x)
+        return (x - x.mean(axis=(0, 1, 2))) / np.sqrt(x.var(axis=(0, 1, 2)) + b1.epsilon)
+
+    b1_output = by_batch if unfreeze == 2 else b1  # a frozen b1 normalises with its loaded statistics
+    expected = {}
+    for name, conv_input in (("b1_bn", lambda b: b), ("b2_bn", lambda b: b1_output(base.get_layer("b1_conv")(b)))):
+        conv = base.get_layer(name.replace("bn", "conv"))
+        outputs = [np.asarray(conv(conv_input(b))) for b in batches]
+        expected[name] = (np.mean([o.mean(axis=(0, 1, 2)) for o in outputs], axis=0),
+                          np.mean([o.var(axis=(0, 1, 2)) for o in outputs], axis=0))
+    for name in ("b1_bn", "b2_bn"):
+        layer = base.get_layer(name)
+        adapted = spec.group_of(name) in spec.group_names[-unfreeze:]
+        if adapted:
+            np.testing.assert_allclose(layer.moving_mean.numpy(), expected[name][0], rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(layer.moving_variance.numpy(), expected[name][1], rtol=1e-3, atol=1e-4)
+        else:
+            assert all(np.array_equal(w.numpy(), v) for w, v in zip(layer.weights, loaded[name]))
+        assert layer.momentum == 0.99 and not layer.trainable
+
+
+def test_fine_tuning_with_batch_statistics_adapts_and_trains_only_the_unfrozen_batchnorm(tmp_path, monkeypatch):
+    """train.batchnorm = "train" on a pretrained base: the model factory adapts the unfrozen groups'
+    BatchNormalization statistics to the training images before the probe (AdaBN), and phase 2
+    goes on updating them; the frozen groups' BatchNormalization keeps its ImageNet values."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    dataset, parts = _tiny_parts(tmp_path)
+    prepared = recipe.Prepared(dataset, parts, "tiny", "tiny")
+    config = load_config(None, ["train.epochs2=2", "train.lr2=1e-3", "train.unfreeze=1", "train.verbose=0",
+                                "train.eager=true", "train.batch_size=4", "train.cache_views=0",
+                                'train.batchnorm="train"', "model.head_units=0",
+                                "model.input_size=32", 'model.backbones=["efficientnet_lite0"]'])
+    spec = backbones.get("efficientnet_lite0")
+    loaded, _ = backbones.build_base(spec, 32, "imagenet")
+    built = recipe.build(config, prepared, spec.name, "imagenet")
+    top = spec.group_names[-1]
+
+    def statistics(base):
+        return {layer.name: layer.moving_mean.numpy().copy() for layer in base.layers
+                if isinstance(layer, keras.layers.BatchNormalization)}
+
+    imagenet, adapted = statistics(loaded), statistics(built.base)
+    for name in imagenet:
+        in_top = spec.group_of(name) == top
+        assert np.array_equal(imagenet[name], adapted[name]) != in_top, name
+    ended = {}
+    at_end = keras.callbacks.LambdaCallback(on_train_end=lambda logs: ended.update(statistics(built.base)))
+    result = train_two_phase(built.model, built.base, spec, built.feed, config.train, 2, callbacks=[at_end],
+                             head_ready=True)  # phase 2 only, from the (untrained) head
+    assert result.unfrozen == [top]
+    trained = ended  # before the best weights are restored
+    for name in imagenet:
+        changed = not np.array_equal(adapted[name], trained[name])
+        assert changed == (spec.group_of(name) == top), name
 
 
 @pytest.mark.parametrize("name", backbones.names())

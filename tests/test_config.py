@@ -67,6 +67,7 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     ("data.only_folds=[2]", "data.only_folds = [2] is not allowed: distinct fold numbers 1..data.folds (0)"),
     ("model.dropout=1.0", "model.dropout = 1.0 is not allowed"),
     ("train.schedule2=\"linear\"", "train.schedule2 = 'linear' is not allowed: one of 'plateau', 'cosine'"),
+    ("train.batchnorm=\"adapt\"", "train.batchnorm = 'adapt' is not allowed: one of 'frozen', 'train'"),
     ("train.cache_views=-1", "train.cache_views = -1 is not allowed"),
     ("sweep.pruner=\"asha\"", "sweep.pruner = 'asha' is not allowed: one of 'median', 'hyperband', 'none'"),
     ("sweep.lr1=[1e-2, 1e-5]", "sweep.lr1 = [0.01, 1e-05] is not allowed"),
