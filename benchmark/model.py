@@ -1,6 +1,8 @@
 """Backbone base + classification head, and which base layers train in each phase."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import keras
 
 
@@ -72,3 +74,30 @@ def adapt_batchnorm(base: keras.Model, spec, unfreeze: int, batches) -> int:
             layer.momentum = momentum
         set_trainable(base, spec, 0)
     return len(layers)
+
+
+def batchnorm_statistics(base: keras.Model) -> dict[str, list]:
+    """The moving mean and variance of every BatchNormalization layer, by layer name."""
+    return {layer.name: [layer.moving_mean.numpy(), layer.moving_variance.numpy()]
+            for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)}
+
+
+@contextmanager
+def batchnorm_statistics_set_to(base: keras.Model, statistics: dict[str, list] | None):
+    """Within the block, the base's BatchNormalization layers hold `statistics` (None: as they are)."""
+    if statistics is None:
+        yield
+        return
+    current = batchnorm_statistics(base)
+
+    def assign(values):
+        for name, (mean, variance) in values.items():
+            layer = base.get_layer(name)
+            layer.moving_mean.assign(mean)
+            layer.moving_variance.assign(variance)
+
+    assign(statistics)
+    try:
+        yield
+    finally:
+        assign(current)

@@ -21,7 +21,7 @@ import tensorflow as tf
 import backbones
 
 from . import audit, feeds, gradcam, intake, metrics, mlflow_model, modelfile, pipeline, plots, probe, stats, tracking
-from .model import adapt_batchnorm, build_classifier
+from .model import adapt_batchnorm, batchnorm_statistics, batchnorm_statistics_set_to, build_classifier
 from .phantoms import phantom_dataset
 from .trainer import TrainingFailed, train_two_phase
 
@@ -196,32 +196,49 @@ def _pooled_features(built: Built, images: np.ndarray, batch_size: int) -> np.nd
 def run_probe(config, prepared: Prepared, built: Built, score_test: bool = True) -> dict:
     """The linear-probe baseline on the frozen base (before any fine-tuning), logged as probe_<split>_*
     metrics with its per-image predictions; with train.head_init = "probe" it also sets the linear head
-    to it. {} for a base trained from scratch, or with evaluate.probe off and no probe head wanted."""
+    to it. {} for a base trained from scratch, or with evaluate.probe off and no probe head wanted.
+
+    The baseline always sees the network as loaded (ImageNet BatchNormalization statistics). When
+    the model factory adapted those statistics (train.batchnorm = "train"), the head starts instead
+    at a probe of the adapted features it will be fine-tuned on, logged as probe_adapted_val_*."""
     if built.from_scratch or not (config.evaluate.probe or config.train.head_init == "probe"):
         return {}
     dataset, parts, batch_size = prepared.dataset, prepared.parts, config.train.batch_size
+    labels = [s.label for s in parts["train"]]
 
     def features(split):
         return _pooled_features(built, pipeline.decoded_images(dataset, parts[split], built.size), batch_size)
 
-    if isinstance(built.feed, feeds.Cached):  # the cache phase 1 trains on; its view 0 is the plain images
-        train_views, val_features = built.feed.pooled(built.base, built.spec)
-    else:
-        train_views, val_features = features("train")[None], features("val")
-    fitted = probe.fit(train_views[:1], [s.label for s in parts["train"]], config.seed)
+    def train_and_val():
+        if isinstance(built.feed, feeds.Cached):  # the cache phase 1 trains on; its view 0 is the plain images
+            train_views, val_features = built.feed.pooled(built.base, built.spec)
+            return train_views[:1], val_features
+        return features("train")[None], features("val")
+
+    splits = ["val"] + (["test"] if parts.get("test") and score_test else [])
+    with batchnorm_statistics_set_to(built.base, built.loaded_statistics):
+        inputs = dict(zip(("train", "val"), train_and_val() if built.loaded_statistics is None
+                          else (features("train")[None], features("val"))))
+        inputs.update({split: features(split) for split in splits if split not in inputs})
+    fitted = probe.fit(inputs["train"], labels, config.seed)
     mlflow.log_metric("probe_C", probe.regularisation(fitted))
-    if config.train.head_init == "probe":  # LP-FT: the linear head starts at the probe
-        built.model.get_layer("head_output").set_weights(list(probe.head_weights(fitted)))
     scores = {}
-    test = [("test", features("test"))] if parts.get("test") and score_test else []
-    for split, x in [("val", val_features)] + test:
-        probabilities = fitted.predict_proba(np.asarray(x, dtype=np.float32))
+    for split in splits:
+        probabilities = fitted.predict_proba(np.asarray(inputs[split], dtype=np.float32))
         result = metrics.compute([s.label for s in parts[split]], probabilities, dataset.class_names,
                                  config.evaluate.calibration_bins)
         mlflow.log_metrics(metrics.flatten(result, f"probe_{split}"))
         mlflow.log_text(predictions_frame(dataset, parts[split], probabilities).to_csv(index=False),
                         f"predictions_probe_{split}.csv")
         scores[split] = result
+    if config.train.head_init == "probe":  # LP-FT: the linear head starts at the probe
+        if built.loaded_statistics is not None:
+            adapted_train, adapted_val = train_and_val()
+            fitted = probe.fit(adapted_train, labels, config.seed)
+            result = metrics.compute([s.label for s in parts["val"]], fitted.predict_proba(adapted_val),
+                                     dataset.class_names, config.evaluate.calibration_bins)
+            mlflow.log_metrics({f"probe_adapted_val_{key}": result[key] for key in ("accuracy", "macro_f1", "loss")})
+        built.model.get_layer("head_output").set_weights(list(probe.head_weights(fitted)))
     return scores
 
 
@@ -244,6 +261,8 @@ class Built:
     model: keras.Model
     weights_used: str
     feed: object
+    # BatchNormalization statistics as loaded, kept when the factory adapted them (train.batchnorm)
+    loaded_statistics: dict | None = None
 
     @property
     def from_scratch(self) -> bool:
@@ -300,13 +319,15 @@ def build(config, prepared: Prepared, name: str, weights: str) -> Built:
     keras.utils.set_random_seed(config.seed)
     set_precision(config.train)
     base, weights_used = backbones.build_base(spec, size, weights)
+    loaded = None
     if weights_used != "none" and config.train.batchnorm == "train":
+        loaded = batchnorm_statistics(base)
         images = pipeline.decoded_images(prepared.dataset, prepared.parts["train"], size)
         adapt_batchnorm(base, spec, config.train.unfreeze, (spec.preprocess(batch) for _, _, batch in
                                                            pipeline.view_batches(images, None, 1, 0, config.train.batch_size)))
     model = build_classifier(base, size, len(prepared.dataset.class_names), config.model.head_units,
                              config.model.dropout, batch_statistics=batch_statistics(config, weights_used))
-    return Built(spec, size, base, model, weights_used, make_feed(config, prepared, spec, size, weights_used))
+    return Built(spec, size, base, model, weights_used, make_feed(config, prepared, spec, size, weights_used), loaded)
 
 
 def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = (), score_key: str = "",

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, roc_auc_score
 
 import backbones
-from benchmark import bench, cli, intake, metrics, pipeline, recipe, tracking
+from benchmark import bench, cli, intake, metrics, pipeline, probe, recipe, tracking
 from benchmark.config import load_config
 from benchmark.model import adapt_batchnorm, build_classifier
 from benchmark.trainer import TrainingFailed, train_two_phase
@@ -233,7 +233,7 @@ def test_fine_tuning_with_batch_statistics_adapts_and_trains_only_the_unfrozen_b
     prepared = recipe.Prepared(dataset, parts, "tiny", "tiny")
     config = load_config(None, ["train.epochs2=2", "train.lr2=1e-3", "train.unfreeze=1", "train.verbose=0",
                                 "train.eager=true", "train.batch_size=4", "train.cache_views=0",
-                                'train.batchnorm="train"', "model.head_units=0",
+                                'train.batchnorm="train"', 'train.head_init="probe"', "model.head_units=0",
                                 "model.input_size=32", 'model.backbones=["efficientnet_lite0"]'])
     spec = backbones.get("efficientnet_lite0")
     loaded, _ = backbones.build_base(spec, 32, "imagenet")
@@ -248,6 +248,32 @@ def test_fine_tuning_with_batch_statistics_adapts_and_trains_only_the_unfrozen_b
     for name in imagenet:
         in_top = spec.group_of(name) == top
         assert np.array_equal(imagenet[name], adapted[name]) != in_top, name
+
+    # The probe baseline sees the network as loaded; the head starts at a probe of the adapted features.
+    def probe_on(base):
+        built_like = recipe.Built(spec, 32, base, None, "imagenet", None)
+        x = {split: recipe._pooled_features(built_like, pipeline.decoded_images(dataset, parts[split], 32), 4)
+             for split in ("train", "val")}
+        fitted = probe.fit(x["train"][None], [s.label for s in parts["train"]], config.seed)
+        return fitted, fitted.predict_proba(x["val"])
+
+    baseline, baseline_val = probe_on(loaded)
+    adapted_probe, _ = probe_on(built.base)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with mlflow.start_run() as run:
+            scores = recipe.run_probe(config, prepared, built, score_test=False)
+        logged = MlflowClient().get_run(run.info.run_id).data.metrics
+    finally:
+        mlflow.set_tracking_uri(None)
+    labels = [s.label for s in parts["val"]]
+    assert scores["val"]["accuracy"] == logged["probe_val_accuracy"] == accuracy_score(labels, baseline_val.argmax(1))
+    assert "probe_adapted_val_accuracy" in logged
+    head = built.model.get_layer("head_output").get_weights()
+    for got, want in zip(head, probe.head_weights(adapted_probe)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert statistics(built.base).keys() == adapted.keys()
+    assert all(np.array_equal(statistics(built.base)[name], adapted[name]) for name in adapted)
     ended = {}
     at_end = keras.callbacks.LambdaCallback(on_train_end=lambda logs: ended.update(statistics(built.base)))
     result = train_two_phase(built.model, built.base, spec, built.feed, config.train, 2, callbacks=[at_end],
