@@ -48,7 +48,6 @@ def set_trainable(base: keras.Model, spec, unfreeze: int, train_batchnorm: bool 
     return sorted(groups, key=spec.group_names.index)
 
 
-
 def adapt_batchnorm(base: keras.Model, spec, unfreeze: int, batches) -> int:
     """AdaBN (Li et al. 2016): set the moving statistics of the BatchNormalization layers in the top
     `unfreeze` groups to the mean of their batch statistics over `batches` (preprocessed images).

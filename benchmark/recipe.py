@@ -217,10 +217,12 @@ def run_probe(config, prepared: Prepared, built: Built, score_test: bool = True)
 
     splits = ["val"] + (["test"] if parts.get("test") and score_test else [])
     with batchnorm_statistics_set_to(built.base, built.loaded_statistics):
-        inputs = dict(zip(("train", "val"), train_and_val() if built.loaded_statistics is None
-                          else (features("train")[None], features("val"))))
-        inputs.update({split: features(split) for split in splits if split not in inputs})
-    fitted = probe.fit(inputs["train"], labels, config.seed)
+        if built.loaded_statistics is None:
+            train_features, val_features = train_and_val()
+        else:  # the cache holds the adapted features
+            train_features, val_features = features("train")[None], features("val")
+        inputs = {"val": val_features, **{split: features(split) for split in splits if split != "val"}}
+    fitted = probe.fit(train_features, labels, config.seed)
     mlflow.log_metric("probe_C", probe.regularisation(fitted))
     scores = {}
     for split in splits:
@@ -279,9 +281,14 @@ def set_precision(train_config) -> str:
     return policy
 
 
+def adapts_batchnorm(config, weights_used: str) -> bool:
+    """A pretrained base whose BatchNormalization trains: its statistics are adapted first (AdaBN)."""
+    return weights_used != "none" and config.train.batchnorm == "train"
+
+
 def batch_statistics(config, weights_used: str) -> bool:
     """Whether unfrozen BatchNormalization layers normalise with batch statistics while training."""
-    return weights_used == "none" or config.train.batchnorm == "train"
+    return weights_used == "none" or adapts_batchnorm(config, weights_used)
 
 
 def make_feed(config, prepared: Prepared, spec, size: int, weights_used: str):
@@ -299,7 +306,7 @@ def make_feed(config, prepared: Prepared, spec, size: int, weights_used: str):
     key = {"backbone": spec.name, "size": size, "weights": weights_used, "augment": dataclasses.asdict(config.augment),
            "fingerprint": dataset.fingerprint, "train": intake.samples_hash(parts["train"]),
            "val": intake.samples_hash(parts["val"]), "policy": keras.mixed_precision.global_policy().name,
-           "batchnorm": "adapted" if weights_used != "none" and train.batchnorm == "train" else "as loaded"}
+           "batchnorm": "adapted" if adapts_batchnorm(config, weights_used) else "as loaded"}
     return feeds.Cached(
         pipeline.decoded_images(dataset, parts["train"], size), pipeline.label_array(parts["train"], n_classes),
         None if weights is None else weights[train_labels].astype("float32"),
@@ -320,7 +327,7 @@ def build(config, prepared: Prepared, name: str, weights: str) -> Built:
     set_precision(config.train)
     base, weights_used = backbones.build_base(spec, size, weights)
     loaded = None
-    if weights_used != "none" and config.train.batchnorm == "train":
+    if adapts_batchnorm(config, weights_used):
         loaded = batchnorm_statistics(base)
         images = pipeline.decoded_images(prepared.dataset, prepared.parts["train"], size)
         adapt_batchnorm(base, spec, config.train.unfreeze, (spec.preprocess(batch) for _, _, batch in
