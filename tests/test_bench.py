@@ -285,6 +285,19 @@ def test_fine_tuning_with_batch_statistics_adapts_and_trains_only_the_unfrozen_b
         assert changed == (spec.group_of(name) == top), name
 
 
+@pytest.mark.parametrize("weights", ["none", "imagenet"])
+def test_batchnorm_trained_from_scratch_forgets_its_initial_statistics_within_an_epoch(weights, tmp_path,
+                                                                                      monkeypatch):
+    """From scratch, moving statistics use momentum 0.9 (a small set gives few steps an epoch);
+    pretrained statistics keep Keras' 0.99."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    dataset, parts = _tiny_parts(tmp_path)
+    config = load_config(None, ["model.input_size=32", 'model.backbones=["efficientnet_lite0"]'])
+    built = recipe.build(config, recipe.Prepared(dataset, parts, "tiny", "tiny"), "efficientnet_lite0", weights)
+    momenta = {layer.momentum for layer in built.base.layers if isinstance(layer, keras.layers.BatchNormalization)}
+    assert momenta == ({0.9} if weights == "none" else {0.99})
+
+
 @pytest.mark.parametrize("name", backbones.names())
 def test_best_epoch_outputs_are_what_the_restored_model_predicts(name, tmp_path):
     """A sweep trial is scored from the validation outputs its best epoch had; they must be the
