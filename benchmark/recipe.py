@@ -107,9 +107,10 @@ def _augment_summary(augment) -> str:
 
 
 # What a run computes from a given config changes with the code now and then (2: the probe is fitted
-# on the plain images, not augmented views). Cross-validation reuses only finished fold runs of the
-# same recipe version, so a resumed CV never mixes folds of an older recipe into its means.
-RECIPE_VERSION = 2
+# on the plain images, not augmented views; 3: BatchNormalization trained from scratch uses momentum
+# 0.9). Cross-validation reuses only finished fold runs of the same recipe version, so a resumed CV
+# never mixes folds of an older recipe into its means.
+RECIPE_VERSION = 3
 
 
 def _log_params(config, prepared: Prepared, spec, size: int, weights_used: str) -> None:
