@@ -294,9 +294,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return validate(config)
 
 
-# Keys that choose which folds a run trains, not what a fold computes: left out when a saved fold
-# run's config is matched against this one for reuse.
-NOT_FOLD_RECIPE = (("data", "only_folds"),)
+# Keys that choose which folds and which backbones a run trains, not what one backbone's fold
+# computes: left out when a saved fold run's config is matched against this one for reuse.
+NOT_FOLD_RECIPE = (("data", "only_folds"), ("model", "backbones"))
 
 
 def fold_recipe(toml_text: str) -> dict | None:

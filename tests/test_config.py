@@ -95,7 +95,8 @@ def test_every_shipped_config_is_valid():
 
 def test_fold_reuse_compares_configs_with_defaults_filled_in():
     """A fold saved before a setting existed matches a config with that setting at its default;
-    another value, an unknown key or an unreadable file does not; the fold list never counts."""
+    another value, an unknown key or an unreadable file does not; the fold and backbone lists never
+    count (a backbone's folds from a run of several backbones are reused by a run of it alone)."""
     from benchmark.config import fold_recipe, to_toml
 
     config = load_config(None, ["data.folds=5", "data.only_folds=[2]", "train.lr2=2e-4"])
@@ -103,6 +104,9 @@ def test_fold_reuse_compares_configs_with_defaults_filled_in():
     del saved["train"]["patience"], saved["data"]["only_folds"]  # as an older version wrote it
 
     assert fold_recipe(to_toml(saved)) == fold_recipe(config.to_toml())
+    alone = load_config(None, ["data.folds=5", "train.lr2=2e-4", 'model.backbones=["resnet50"]'])
+    assert alone.model.backbones != config.model.backbones
+    assert fold_recipe(alone.to_toml()) == fold_recipe(config.to_toml())
     assert fold_recipe(load_config(None, ["data.folds=5", "train.lr2=3e-4"]).to_toml()) != fold_recipe(config.to_toml())
     saved["train"]["retired_setting"] = 1
     assert fold_recipe(to_toml(saved)) is None
