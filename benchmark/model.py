@@ -32,6 +32,17 @@ def build_classifier(base: keras.Model, input_size: int, n_classes: int, head_un
     return keras.Model(inputs, outputs, name=f"{base.name}_classifier")
 
 
+def batchnorm_layers(base: keras.Model) -> list:
+    """The base's BatchNormalization layers, bottom to top."""
+    return [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def set_batchnorm_momentum(base: keras.Model, momentum: float) -> None:
+    """Momentum of every BatchNormalization layer's moving statistics (a base trained from scratch)."""
+    for layer in batchnorm_layers(base):
+        layer.momentum = momentum
+
+
 def unfrozen_groups(spec, unfreeze: int) -> list[str]:
     """The last `unfreeze` layer groups of the spec (0: none, more than exist: all)."""
     return spec.group_names[len(spec.group_names) - min(max(unfreeze, 0), len(spec.group_names)):]
@@ -59,7 +70,7 @@ def adapt_batchnorm(base: keras.Model, spec, unfreeze: int, batches) -> int:
     adapted layer below it already normalising by batch. Returns the number of layers adapted; the
     base is left frozen."""
     set_trainable(base, spec, unfreeze, train_batchnorm=True)
-    layers = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    layers = [layer for layer in batchnorm_layers(base) if layer.trainable]
     momenta = [layer.momentum for layer in layers]
     seen = 0
     try:
@@ -77,8 +88,7 @@ def adapt_batchnorm(base: keras.Model, spec, unfreeze: int, batches) -> int:
 
 def batchnorm_statistics(base: keras.Model) -> dict[str, list]:
     """The moving mean and variance of every BatchNormalization layer, by layer name."""
-    return {layer.name: [layer.moving_mean.numpy(), layer.moving_variance.numpy()]
-            for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)}
+    return {layer.name: [layer.moving_mean.numpy(), layer.moving_variance.numpy()] for layer in batchnorm_layers(base)}
 
 
 @contextmanager

@@ -21,7 +21,8 @@ import tensorflow as tf
 import backbones
 
 from . import audit, feeds, gradcam, intake, metrics, mlflow_model, modelfile, pipeline, plots, probe, stats, tracking
-from .model import adapt_batchnorm, batchnorm_statistics, batchnorm_statistics_set_to, build_classifier
+from .model import (adapt_batchnorm, batchnorm_statistics, batchnorm_statistics_set_to, build_classifier,
+                    set_batchnorm_momentum)
 from .phantoms import phantom_dataset
 from .trainer import TrainingFailed, train_two_phase
 
@@ -324,12 +325,6 @@ def make_feed(config, prepared: Prepared, spec, size: int, weights_used: str):
 SCRATCH_BATCHNORM_MOMENTUM = 0.9
 
 
-def scratch_batchnorm_momentum(base: keras.Model) -> None:
-    for layer in base.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = SCRATCH_BATCHNORM_MOMENTUM
-
-
 def build(config, prepared: Prepared, name: str, weights: str) -> Built:
     """The model factory: a fresh Keras session, seeded, base + head, and the feed for it. With
     train.batchnorm = "train" the pretrained base's BatchNormalization statistics are first adapted
@@ -341,7 +336,7 @@ def build(config, prepared: Prepared, name: str, weights: str) -> Built:
     set_precision(config.train)
     base, weights_used = backbones.build_base(spec, size, weights)
     if weights_used == "none":
-        scratch_batchnorm_momentum(base)
+        set_batchnorm_momentum(base, SCRATCH_BATCHNORM_MOMENTUM)
     loaded = None
     if adapts_batchnorm(config, weights_used):
         loaded = batchnorm_statistics(base)
