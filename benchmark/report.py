@@ -74,7 +74,8 @@ def comparison_table(runs: list, source: str = "bench") -> pd.DataFrame:
     for run in runs:
         m, p = run.data.metrics, run.data.params
         classes = json.loads(p["class_names"])
-        row = {"backbone": p["backbone"], "weights": "scratch" if p["weights"] == "none" else p["weights"]}
+        row = {"backbone": p["backbone"], "weights": "scratch" if p["weights"] == "none" else p["weights"],
+               "input_px": p.get("input_size", "n/a")}
         if source == "cv":
             scored = [n for n in p.get("folds_scored", "").split(",") if n]  # data.only_folds: some of k
             row["folds"] = (f"{'+'.join(scored)} of {p['folds']}" if scored and len(scored) < int(p["folds"])
@@ -213,7 +214,7 @@ def markdown(table: pd.DataFrame, title: str, pairs: pd.DataFrame | None = None,
     return "\n".join(lines) + "\n"
 
 
-TERMINAL = [("backbone", "backbone"), ("weights", "weights"), ("val_accuracy", "accuracy"),
+TERMINAL = [("backbone", "backbone"), ("weights", "weights"), ("input_px", "px"), ("val_accuracy", "accuracy"),
             ("val_macro_f1", "macro-F1"), ("val_roc_auc", "AUC"), ("probe_val_accuracy", "probe acc"),
             ("train_s", "train s")]
 

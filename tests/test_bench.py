@@ -48,6 +48,7 @@ def test_one_finished_run_and_row_per_backbone(benched):
     assert sorted(r.data.params["backbone"] for r in runs) == backbones.names()
     assert all(r.info.status == "FINISHED" for r in runs)
     assert sorted(table["backbone"]) == backbones.names()
+    assert list(table["input_px"]) == [str(config.model.input_size)] * len(table)  # the protocol, in the table
     n = len(backbones.names())
     main_table, pairs_table = paths["md"].read_text().split("## Paired comparisons")
     assert main_table.count("\n| ") == n + 1  # header + one row each
@@ -453,7 +454,7 @@ def test_cross_validation_parent_and_fold_runs_with_intervals_and_pairs(tmp_path
         oof = _artifact_frame(client, parent.info.run_id, "predictions_oof.csv", tmp_path / parent.info.run_id)
         assert len(oof) == 12 and oof["source"].is_unique  # every image scored once, by the fold holding it out
         row = table.set_index("backbone").loc[parent.data.params["backbone"]]
-        assert row["folds"] == 3 and row["val_accuracy"] == pytest.approx(mean)
+        assert row["folds"] == 3 and row["input_px"] == "32" and row["val_accuracy"] == pytest.approx(mean)
         assert row["val_accuracy_ci_high"] == pytest.approx(high)
         out_of_fold[parent.data.params["backbone"]] = oof.sort_values("source").reset_index(drop=True)
     assert [p.name for p in paths.values()][:2] == ["comparison.md", "comparison.csv"]
