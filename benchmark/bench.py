@@ -59,11 +59,13 @@ def finished_fold(config, prepared: recipe.Prepared, name: str, experiment: str,
                 saved = Path(client.download_artifacts(run.info.run_id, "config.toml", tmp)).read_text()
                 if fold_recipe(saved) != wanted:
                     continue
-                outcome = {"val": json.loads(Path(client.download_artifacts(
-                    run.info.run_id, "metrics_val.json", tmp)).read_text())}
-                predictions = pd.read_csv(client.download_artifacts(run.info.run_id, "predictions_val.csv", tmp))
-                probe_files = [a.path for a in client.list_artifacts(run.info.run_id)
-                               if a.path.startswith("predictions_probe_")]
+                artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+                splits = ["val"] + (["test"] if "predictions_test.csv" in artifacts else [])
+                outcome = {split: json.loads(Path(client.download_artifacts(
+                    run.info.run_id, f"metrics_{split}.json", tmp)).read_text()) for split in splits}
+                predictions = {split: pd.read_csv(client.download_artifacts(
+                    run.info.run_id, f"predictions_{split}.csv", tmp)) for split in splits}
+                probe_files = [path for path in artifacts if path.startswith("predictions_probe_")]
                 for artifact in probe_files:
                     frame = pd.read_csv(client.download_artifacts(run.info.run_id, artifact, tmp))
                     split = artifact.removeprefix("predictions_probe_").removesuffix(".csv")
@@ -77,7 +79,7 @@ def finished_fold(config, prepared: recipe.Prepared, name: str, experiment: str,
                                          "total_params", "inference_ms_per_image") if key in m}
         print(f"== {name} fold {fold + 1}: already finished in run {run.info.run_id} with this config; reused",
               flush=True)
-        return {**outcome, "predictions": {"val": predictions}, "costs": costs, "seconds": m.get("train_seconds", 0.0),
+        return {**outcome, "predictions": predictions, "costs": costs, "seconds": m.get("train_seconds", 0.0),
                 "run_id": run.info.run_id, "weights_used": run.data.params["weights"], "reused": True}
     return None
 
@@ -94,6 +96,23 @@ def _log_ensemble(prepared: recipe.Prepared, fold_run_ids: list[str]) -> None:
                                                      description["input_size"]))
         logged = mlflow_model.log(files, description, example, name="ensemble")
     mlflow.set_tag(tracking.MODEL_URI_TAG, logged.model_uri)
+
+
+def _score_ensemble_on_test(config, prepared: recipe.Prepared, spec, fold_predictions: list[pd.DataFrame]) -> None:
+    """The test split scored by the fold models together, their probabilities averaged (what
+    `predict` does with the parent's run id): ensemble_test_* on the parent. No test image was in
+    any fold, so this is the figure for unseen data; the 2-class threshold is argmax (no member's
+    validation chose it)."""
+    classes = [f"prob_{c}" for c in prepared.dataset.class_names]
+    frames = [frame.set_index("source") for frame in fold_predictions]
+    mean = sum(frame[classes] for frame in frames) / len(frames)
+    samples = prepared.parts["test"]
+    probabilities = mean.loc[[s.source for s in samples]].to_numpy()
+    result = recipe.score_split(prepared.dataset, samples, probabilities, spec, "ensemble_test", config.evaluate, None)
+    print(f"== {spec.name} ensemble of {len(frames)} fold models on test ({len(samples)} images): accuracy "
+          f"{result['accuracy']:.4f}, macro_f1 {result['macro_f1']:.4f}", flush=True)
+    mlflow.log_text(recipe.predictions_frame(prepared.dataset, samples, probabilities).to_csv(index=False),
+                    "predictions_ensemble_test.csv")
 
 
 def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights: str, experiment: str) -> dict:
@@ -142,6 +161,8 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
         probabilities = out_of_fold[[f"prob_{c}" for c in first.dataset.class_names]].to_numpy()
         samples = [intake.Sample(source, int(label)) for source, label in zip(out_of_fold.source, out_of_fold.label)]
         recipe.score_split(first.dataset, samples, probabilities, spec, "oof", config.evaluate, None)
+        if first.parts.get("test"):
+            _score_ensemble_on_test(config, first, spec, [outcome["predictions"]["test"] for outcome in outcomes])
         if config.tracking.log_model:
             _log_ensemble(first, [outcome["run_id"] for outcome in outcomes])
         scope = f" (folds {', '.join(map(str, numbers))} alone)" if partial else ""

@@ -93,6 +93,8 @@ def comparison_table(runs: list, source: str = "bench") -> pd.DataFrame:
                                 f"{key}_ci_high": m.get(f"{key}_ci_high", np.nan)})
             elif f"{split}_accuracy" in m:
                 row.update({f"{split}_{name}": m.get(f"{split}_{name}", np.nan) for name in names})
+        if "ensemble_test_accuracy" in m:  # cross-validated with a test split: the fold models together
+            row.update({f"ensemble_test_{name}": m.get(f"ensemble_test_{name}", np.nan) for name in HEADLINE})
         _add_probe(row, m, source)
         row.update({
             "trainable_params": int(m.get("trainable_params", 0)),
@@ -201,7 +203,9 @@ def markdown(table: pd.DataFrame, title: str, pairs: pd.DataFrame | None = None,
              "init trained from scratch (BatchNorm in training mode, every layer trainable, no probe).", ""]
     if source == "cv":
         lines += ["Cross-validated: mean over folds [95% CI, Student t]; folds are stratified and keep "
-                  "duplicate groups whole, the same folds for every backbone. Per-class figures: comparison.csv.", ""]
+                  "duplicate groups whole, the same folds for every backbone. Per-class figures: comparison.csv. "
+                  "ensemble_test_*: the test split (in no fold) scored once by the fold models together, "
+                  "probabilities averaged, as `predict <parent run id>` does.", ""]
     per_class = tuple(f"_{name}" for name in _class_names(table)) if source == "cv" else ()
     lines += _markdown_table(table, per_class)
     if pairs is not None and not pairs.empty:

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import keras
 import mlflow
@@ -501,21 +502,27 @@ def test_cross_validation_parent_and_fold_runs_with_intervals_and_pairs(tmp_path
         assert row["prob_yes"] == pytest.approx(np.mean([single[i]["prob_yes"] for single in singles]), abs=1e-6)
 
 
-def test_test_split_is_scored_with_what_validation_chose(tmp_path):
-    """The threshold for the target sensitivity comes from validation; test is scored with it, once."""
+def _binary_set_with_test_split(root: Path, n_train: int = 8, n_test: int = 5) -> Path:
+    """train/ and test/ folders of no/yes phantom slices (32 px)."""
     from PIL import Image
 
-    from benchmark import stats
     from benchmark.phantoms import draw_slice
 
-    root = tmp_path / "data"
-    for split, count in (("train", 8), ("test", 5)):
+    for split, count in (("train", n_train), ("test", n_test)):
         for c, (label, kind) in enumerate((("no", "notumor"), ("yes", "glioma"))):
             for i in range(count):
                 folder = root / split / label
                 folder.mkdir(parents=True, exist_ok=True)
                 pixels = draw_slice(kind, 32, np.random.default_rng(hash((split, c, i)) % 2**32))
                 Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_test_split_is_scored_with_what_validation_chose(tmp_path):
+    """The threshold for the target sensitivity comes from validation; test is scored with it, once."""
+    from benchmark import stats
+
+    root = _binary_set_with_test_split(tmp_path / "data")
     config = tiny_config(tmp_path, f'data.path="{root}"', 'model.backbones=["vgg16"]', "data.val_fraction=0.25")
     table, _, name = bench.run(config)
     assert {"val_accuracy", "test_accuracy", "val_ece", "test_target_specificity"} <= set(table.columns)
@@ -534,6 +541,40 @@ def test_test_split_is_scored_with_what_validation_chose(tmp_path):
     assert logged["test_ece"] == pytest.approx(stats.expected_calibration_error(test["label"], probabilities))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"reliability_val.png", "reliability_test.png"} <= artifacts
+
+
+def test_cross_validation_scores_the_fold_ensemble_on_the_test_split(tmp_path):
+    """Every fold model scores the test split (in no fold); the parent scores their averaged
+    probabilities once (ensemble_test_*), and a rerun that reuses every fold gives the same figures."""
+    from sklearn.metrics import accuracy_score, f1_score, log_loss
+
+    root = _binary_set_with_test_split(tmp_path / "data", n_train=9, n_test=6)
+    config = tiny_config(tmp_path, f'data.path="{root}"', 'model.backbones=["vgg16"]', "data.folds=3")
+    table, paths, name = bench.run(config)
+    client = MlflowClient(tracking.tracking_uri(config.tracking))
+    experiment = client.get_experiment_by_name(name).experiment_id
+    parent = client.get_run(table.loc[0, "run_id"])
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    tests = [_artifact_frame(client, c.info.run_id, "predictions_test.csv", tmp_path / c.info.run_id)
+             .sort_values("source").reset_index(drop=True) for c in children]
+    assert len(tests) == 3 and all(len(frame) == 12 for frame in tests)
+    averaged = sum(frame[["prob_no", "prob_yes"]].to_numpy() for frame in tests) / 3
+    truth, predicted = tests[0]["label"], averaged.argmax(axis=1)
+    logged = parent.data.metrics
+    assert logged["ensemble_test_accuracy"] == pytest.approx(accuracy_score(truth, predicted))
+    assert logged["ensemble_test_macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro"))
+    assert logged["ensemble_test_loss"] == pytest.approx(log_loss(truth, np.clip(averaged, 1e-7, 1)), rel=1e-4)
+    member = tests[0][["prob_no", "prob_yes"]].to_numpy()
+    assert logged["ensemble_test_loss"] != pytest.approx(log_loss(truth, np.clip(member, 1e-7, 1)), rel=1e-4)
+    assert logged["test_accuracy_mean"] == pytest.approx(np.mean([c.data.metrics["test_accuracy"] for c in children]))
+    assert table.loc[0, "ensemble_test_accuracy"] == pytest.approx(logged["ensemble_test_accuracy"])
+    assert "ensemble_test_accuracy" in paths["md"].read_text()
+
+    again, _, _ = bench.run(config)  # every fold reused: their test predictions come from MLflow
+    rerun = client.get_run(again.loc[0, "run_id"]).data.metrics
+    assert again.loc[0, "run_id"] != parent.info.run_id
+    for key in ("ensemble_test_accuracy", "ensemble_test_loss", "test_accuracy_mean"):
+        assert rerun[key] == pytest.approx(logged[key])
 
 
 def test_a_dataset_row_another_worker_inserted_first_is_linked_not_fatal(tmp_path, monkeypatch):
