@@ -137,7 +137,8 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
                 mlflow.tracking.MlflowClient().set_tag(outcome["run_id"], "mlflow.parentRunId", parent.info.run_id)
             outcomes.append(outcome)
         mlflow.log_params({"backbone": name, "weights": outcomes[0]["weights_used"], "weights_requested": weights,
-                           "input_size": config.model.input_size or spec.input_size, "folds": len(folds), "folds_scored": ",".join(map(str, numbers)), "seed": config.seed,
+                           "input_size": config.model.input_size or spec.input_size, "folds": len(folds),
+                           "folds_scored": ",".join(map(str, numbers)), "seed": config.seed,
                            "data_path": first.path,
                            "data_fingerprint": first.dataset.fingerprint,
                            "class_names": json.dumps(first.dataset.class_names),
