@@ -42,7 +42,8 @@ def blocks():
     index, channels = 0, 32
     for stage, (repeats, kernel, stride, expand, out) in enumerate(STAGES, start=1):
         for r in range(repeats):
-            yield f"block{stage}{chr(ord('a') + r)}_", index, stage, kernel, stride if r == 0 else 1, expand, channels, out
+            name = f"block{stage}{chr(ord('a') + r)}_"
+            yield name, index, stage, kernel, stride if r == 0 else 1, expand, channels, out
             index, channels = index + 1, out
 
 

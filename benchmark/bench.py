@@ -70,7 +70,7 @@ def finished_fold(config, prepared: recipe.Prepared, name: str, experiment: str,
                     frame = pd.read_csv(client.download_artifacts(run.info.run_id, artifact, tmp))
                     split = artifact.removeprefix("predictions_probe_").removesuffix(".csv")
                     outcome[f"probe_{split}"] = metrics.compute(
-                        frame["label"], frame[[f"prob_{c}" for c in dataset.class_names]].to_numpy(),
+                        frame["label"], frame[recipe.probability_columns(dataset.class_names)].to_numpy(),
                         dataset.class_names, config.evaluate.calibration_bins)
             except (OSError, ValueError, tomllib.TOMLDecodeError, mlflow.exceptions.MlflowException):
                 continue
@@ -103,7 +103,7 @@ def _score_ensemble_on_test(config, prepared: recipe.Prepared, spec, fold_predic
     `predict` does with the parent's run id): ensemble_test_* on the parent. No test image was in
     any fold, so this is the figure for unseen data; the 2-class threshold is argmax (no member's
     validation chose it)."""
-    classes = [f"prob_{c}" for c in prepared.dataset.class_names]
+    classes = recipe.probability_columns(prepared.dataset.class_names)
     frames = [frame.set_index("source") for frame in fold_predictions]
     mean = sum(frame[classes] for frame in frames) / len(frames)
     samples = prepared.parts["test"]
@@ -137,7 +137,7 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
                 mlflow.tracking.MlflowClient().set_tag(outcome["run_id"], "mlflow.parentRunId", parent.info.run_id)
             outcomes.append(outcome)
         mlflow.log_params({"backbone": name, "weights": outcomes[0]["weights_used"], "weights_requested": weights,
-                           "input_size": config.model.input_size or spec.input_size, "folds": len(folds),
+                           "input_size": recipe.input_size(config, spec), "folds": len(folds),
                            "folds_scored": ",".join(map(str, numbers)), "seed": config.seed,
                            "data_path": first.path,
                            "data_fingerprint": first.dataset.fingerprint,
@@ -159,7 +159,7 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
         out_of_fold = pd.concat([outcome["predictions"]["val"].assign(fold=number)
                                  for number, outcome in zip(numbers, outcomes)], ignore_index=True)
         mlflow.log_text(out_of_fold.to_csv(index=False), "predictions_oof.csv")
-        probabilities = out_of_fold[[f"prob_{c}" for c in first.dataset.class_names]].to_numpy()
+        probabilities = out_of_fold[recipe.probability_columns(first.dataset.class_names)].to_numpy()
         samples = [intake.Sample(source, int(label)) for source, label in zip(out_of_fold.source, out_of_fold.label)]
         recipe.score_split(first.dataset, samples, probabilities, spec, "oof", config.evaluate, None)
         if first.parts.get("test"):

@@ -149,11 +149,16 @@ def _choose_threshold(dataset, samples, probabilities, evaluate) -> float | None
                                            evaluate.target_sensitivity)
 
 
+def probability_columns(class_names) -> list[str]:
+    """The per-class probability columns of a predictions frame, in class-index order."""
+    return [f"prob_{name}" for name in class_names]
+
+
 def predictions_frame(dataset, samples, probabilities) -> pd.DataFrame:
     """One row per image: source, true label, probability per class (what the paired tests need)."""
     frame = pd.DataFrame({"source": [s.source for s in samples], "label": [s.label for s in samples]})
-    for i, name in enumerate(dataset.class_names):
-        frame[f"prob_{name}"] = probabilities[:, i]
+    for i, column in enumerate(probability_columns(dataset.class_names)):
+        frame[column] = probabilities[:, i]
     return frame
 
 
@@ -325,12 +330,17 @@ def make_feed(config, prepared: Prepared, spec, size: int, weights_used: str):
 SCRATCH_BATCHNORM_MOMENTUM = 0.9
 
 
+def input_size(config, spec) -> int:
+    """The configured input size, or the backbone's own (model.input_size = 0)."""
+    return config.model.input_size or spec.input_size
+
+
 def build(config, prepared: Prepared, name: str, weights: str) -> Built:
     """The model factory: a fresh Keras session, seeded, base + head, and the feed for it. With
     train.batchnorm = "train" the pretrained base's BatchNormalization statistics are first adapted
     to the plain training images (AdaBN), so the probe, the head and fine-tuning share them."""
     spec = backbones.get(name)
-    size = config.model.input_size or spec.input_size
+    size = input_size(config, spec)
     keras.backend.clear_session()
     keras.utils.set_random_seed(config.seed)
     set_precision(config.train)
@@ -341,8 +351,8 @@ def build(config, prepared: Prepared, name: str, weights: str) -> Built:
     if adapts_batchnorm(config, weights_used):
         loaded = batchnorm_statistics(base)
         images = pipeline.decoded_images(prepared.dataset, prepared.parts["train"], size)
-        adapt_batchnorm(base, spec, config.train.unfreeze, (spec.preprocess(batch) for _, _, batch in
-                                                           pipeline.view_batches(images, None, 1, 0, config.train.batch_size)))
+        batches = pipeline.view_batches(images, None, 1, 0, config.train.batch_size)
+        adapt_batchnorm(base, spec, config.train.unfreeze, (spec.preprocess(batch) for _, _, batch in batches))
     model = build_classifier(base, size, len(prepared.dataset.class_names), config.model.head_units,
                              config.model.dropout, batch_statistics=batch_statistics(config, weights_used))
     return Built(spec, size, base, model, weights_used, make_feed(config, prepared, spec, size, weights_used), loaded)

@@ -390,8 +390,9 @@ def test_models_are_mlflow_models_and_the_best_is_the_registered_champion(benche
 
     files = sorted(recipe.data_path(config).rglob("*.png"))[:3]
     pixels = np.stack([pipeline.resize(intake.load_rgb(f), 32) for f in files])
+    models = predict.resolve_models(best["run_id"], config.tracking)
     expected = [[row[f"prob_{c}"] for c in ("glioma", "meningioma", "notumor", "pituitary")]
-                for row in predict.run(predict.resolve_models(best["run_id"], config.tracking), [str(f) for f in files])]
+                for row in predict.run(models, [str(f) for f in files])]
     pyfunc = mlflow.pyfunc.load_model(f"models:/{registered}@champion")  # raw RGB in, probabilities out
     assert pyfunc.metadata.metadata["tumorbench"]["backbone"] == best["backbone"]
     got = pyfunc.predict(pixels)

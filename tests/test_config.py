@@ -82,7 +82,8 @@ def test_values_that_cant_be_meant_are_refused_by_name(override, message):
 
 @pytest.mark.parametrize("folds", ["[1, 1]", "[4]", "[0]"])
 def test_only_folds_must_name_distinct_folds_of_the_cross_validation(folds):
-    with pytest.raises(ConfigError, match=r"data.only_folds = .* is not allowed: distinct fold numbers 1..data.folds \(3\)"):
+    expected = r"data.only_folds = .* is not allowed: distinct fold numbers 1..data.folds \(3\)"
+    with pytest.raises(ConfigError, match=expected):
         load_config(None, ["data.folds=3", f"data.only_folds={folds}"])
     assert load_config(None, ["data.folds=3", "data.only_folds=[3, 1]"]).data.only_folds == [3, 1]
 
