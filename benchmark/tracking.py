@@ -160,10 +160,27 @@ def some_folds_only(run) -> bool:
     return "folds_scored" in params and len(params["folds_scored"].split(",")) < int(params["folds"])
 
 
+def evidence(run) -> int:
+    """How much data a run's score rests on: 2 for a whole cross-validation (every image scored once,
+    the model an ensemble of the fold models), 1 for one validation split, 0 for some folds only."""
+    if "folds" not in run.data.params:
+        return 1
+    return 0 if some_folds_only(run) else 2
+
+
+def replaces_champion(run, score: float, champion_run, champion_score: float) -> bool:
+    """Whether `run` should take the champion alias: more evidence wins, and on equal evidence the
+    higher score. The scores of one split and of a whole cross-validation are not comparable (the
+    easiest fold alone scores above the mean), so a whole cross-validation replaces a one-split
+    champion whatever the scores, and one split never displaces it."""
+    if run.info.run_id == champion_run.info.run_id:
+        return False
+    return (evidence(run), score) > (evidence(champion_run), champion_score)
+
+
 def register_champion(client: MlflowClient, data_set: str, run, score_key: str) -> str | None:
     """Register `run`'s MLflow model as the next version of tumorbench-<data set> and move the
-    `champion` alias to it, when its `score_key` beats the current champion's (or there is none, or
-    that one covers only some folds).
+    `champion` alias to it, when it replaces the current champion (replaces_champion) or there is none.
     Returns "<name> v<version>" when it did, None when the champion stays where it is."""
     name, score = registered_name(data_set), run.data.metrics.get(score_key)
     uri = run.data.tags.get(MODEL_URI_TAG)
@@ -171,8 +188,7 @@ def register_champion(client: MlflowClient, data_set: str, run, score_key: str) 
         return None
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
-        if current.run_id == run.info.run_id or (float(current.tags.get("score", "-inf")) >= score
-                                                 and not some_folds_only(client.get_run(current.run_id))):
+        if not replaces_champion(run, score, client.get_run(current.run_id), float(current.tags.get("score", "-inf"))):
             return None
     except mlflow.exceptions.MlflowException:  # no such model or no champion yet
         pass
