@@ -42,7 +42,8 @@ def _fold_runs(client, parent) -> list:
 
 
 def _best_run(client, data_set: str):
-    """The bench run or cross-validated parent with the best validation macro-F1 (CV: mean over folds)."""
+    """The bench run or cross-validated parent with the best validation macro-F1 (CV: mean over folds),
+    ranked as the champion is: a whole cross-validation before one split (tracking.evidence)."""
     candidates = []
     for source, key in (("bench", "val_macro_f1"), ("cv", "val_macro_f1_mean")):
         try:
@@ -52,7 +53,7 @@ def _best_run(client, data_set: str):
             continue
     if not candidates:
         raise LookupError(f"MLflow has no finished bench or cross-validated runs for {data_set!r}")
-    return max(candidates, key=lambda pair: pair[0])[1]
+    return max(candidates, key=lambda pair: (tracking.evidence(pair[1]), pair[0]))[1]
 
 
 def resolve_models(reference: str, tracking_config) -> list[Path]:
