@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "run: its fold models as an ensemble), or best:<data set>")
     predict_cmd.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
     predict_cmd.add_argument("--out", help="write rows to a .csv or .json file")
-    predict_cmd.add_argument("--tta", action="store_true", help="average over the original, a flip and two small rolls")
+    predict_cmd.add_argument("--tta", action="store_true", help="average over the original and its horizontal flip")
     predict_cmd.add_argument("--score", action="store_true", help="the images sit in folders named after the "
                              "model's classes (a held-out test split): print accuracy (most probable class), "
                              "macro-F1, per-class figures")

@@ -62,15 +62,16 @@ def decoded_images(dataset: intake.Dataset, samples: list[intake.Sample], size: 
     return cache.cached_array("decoded", key, (len(samples), size, size, 3), np.uint8, fill)
 
 
-TTA_VIEWS = "original, horizontal flip, 5% roll right, 5% roll down (wrap-around; mean of 4)"
-TTA_VIEW_COUNT = 4
+# Test-time flips: out of fold on the 4-class set (5,708 images, lite0 top-4 fold models) the mean
+# with the horizontal flip scored 0.9802 against 0.9786 plain; adding two 5 % wrap-around rolls
+# (the views before) gave 0.9797, so they went (results/README.md).
+TTA_VIEWS = "original, horizontal flip (mean of 2)"
+TTA_VIEW_COUNT = 2
 
 
 def tta_view(batch: tf.Tensor, view: int) -> tf.Tensor:
     """Test-time view `view` (0..TTA_VIEW_COUNT - 1, as TTA_VIEWS lists them) of a (N, H, W, 3) batch."""
-    shift = max(1, int(batch.shape[1]) // 20)
-    return [lambda: batch, lambda: tf.reverse(batch, axis=[2]), lambda: tf.roll(batch, shift, axis=2),
-            lambda: tf.roll(batch, shift, axis=1)][view]()
+    return batch if view == 0 else tf.reverse(batch, axis=[2])
 
 
 def ensemble_probabilities(members: list[tuple], images: np.ndarray, batch_size: int,

@@ -189,7 +189,7 @@ def test_gradcam_highlights_a_planted_blob(tmp_path, monkeypatch):
 
 
 def test_ensemble_probabilities_average_the_models_and_the_test_time_views():
-    """Each model's probabilities on each view (original, flip, roll right, roll down), averaged."""
+    """Each model's probabilities on each view (original, horizontal flip), averaged."""
     images = np.random.default_rng(0).integers(0, 256, (3, 20, 20, 3)).astype(np.uint8)
 
     def left_half_model(scale):  # P(second class) = mean brightness of the left half, scaled: a flip moves it
@@ -199,11 +199,11 @@ def test_ensemble_probabilities_average_the_models_and_the_test_time_views():
 
     members = [(left_half_model(1.0), lambda x: x / 255.0), (left_half_model(0.5), lambda x: x / 255.0)]
     x = images.astype(np.float32) / 255.0
-    views = [x, x[:, :, ::-1], np.roll(x, 1, axis=2), np.roll(x, 1, axis=1)]
+    views = [x, x[:, :, ::-1]]
     expected = np.mean([scale * v[:, :, :10].mean(axis=(1, 2, 3)) for scale in (1.0, 0.5) for v in views], axis=0)
     got = pipeline.ensemble_probabilities(members, images, batch_size=2, tta=True)
     np.testing.assert_allclose(got[:, 1], expected, atol=1e-6)
     np.testing.assert_allclose(got[:, 0], 1 - expected, atol=1e-6)
     plain = pipeline.ensemble_probabilities(members[:1], images, batch_size=2)
     np.testing.assert_allclose(plain[:, 1], x[:, :, :10].mean(axis=(1, 2, 3)), atol=1e-6)
-    assert pipeline.TTA_VIEW_COUNT == 4 and not np.allclose(got, plain)
+    assert pipeline.TTA_VIEW_COUNT == 2 and not np.allclose(got, plain)
