@@ -35,6 +35,7 @@ def run_backbone(config, prepared: recipe.Prepared, name: str, weights: str, exp
             raise
         val = outcome["val"]
         probe_text = (f" (probe {outcome['probe_val']['accuracy']:.4f})" if "probe_val" in outcome else "")
+        probe_text += f" (flip {outcome['tta_val']['accuracy']:.4f})" if "tta_val" in outcome else ""
         print(f"== {label:<24} val_accuracy={val['accuracy']:.4f}{probe_text} val_macro_f1={val['macro_f1']:.4f} "
               f"val_loss={val['loss']:.4f} epochs={outcome['epochs']} time={outcome['seconds']:.1f}s "
               f"run={run.info.run_id}", flush=True)
@@ -65,13 +66,16 @@ def finished_fold(config, prepared: recipe.Prepared, name: str, experiment: str,
                     run.info.run_id, f"metrics_{split}.json", tmp)).read_text()) for split in splits}
                 predictions = {split: pd.read_csv(client.download_artifacts(
                     run.info.run_id, f"predictions_{split}.csv", tmp)) for split in splits}
-                probe_files = [path for path in artifacts if path.startswith("predictions_probe_")]
-                for artifact in probe_files:
+                # The probe's and the test-time views' scores, from their per-image predictions.
+                for artifact in artifacts:
+                    if not artifact.startswith(("predictions_probe_", "predictions_tta_")):
+                        continue
                     frame = pd.read_csv(client.download_artifacts(run.info.run_id, artifact, tmp))
-                    split = artifact.removeprefix("predictions_probe_").removesuffix(".csv")
-                    outcome[f"probe_{split}"] = metrics.compute(
+                    split = artifact.removeprefix("predictions_").removesuffix(".csv")
+                    outcome[split] = metrics.compute(
                         frame["label"], frame[recipe.probability_columns(dataset.class_names)].to_numpy(),
                         dataset.class_names, config.evaluate.calibration_bins)
+                    predictions[split] = frame
             except (OSError, ValueError, tomllib.TOMLDecodeError, mlflow.exceptions.MlflowException):
                 continue
         m = run.data.metrics
@@ -115,6 +119,20 @@ def _score_ensemble_on_test(config, prepared: recipe.Prepared, spec, fold_predic
                     "predictions_ensemble_test.csv")
 
 
+def _score_out_of_fold(config, first: recipe.Prepared, spec, fold_predictions: list[dict], numbers: list[int]) -> None:
+    """Every image scored once, by the fold model that held it out: oof_* (and tta_oof_*, with the
+    test-time views, when every fold has them), with predictions_oof.csv for the paired tests."""
+    for split, name in (("val", "oof"), ("tta_val", "tta_oof")):
+        if not all(split in predictions for predictions in fold_predictions):
+            continue
+        out_of_fold = pd.concat([predictions[split].assign(fold=number)
+                                 for number, predictions in zip(numbers, fold_predictions)], ignore_index=True)
+        mlflow.log_text(out_of_fold.to_csv(index=False), f"predictions_{name}.csv")
+        probabilities = out_of_fold[recipe.probability_columns(first.dataset.class_names)].to_numpy()
+        samples = [intake.Sample(source, int(label)) for source, label in zip(out_of_fold.source, out_of_fold.label)]
+        recipe.score_split(first.dataset, samples, probabilities, spec, name, config.evaluate, None)
+
+
 def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights: str, experiment: str) -> dict:
     """A parent MLflow run per backbone with a child run per fold; the parent holds each metric's
     mean and 95% CI over folds, and the out-of-fold predictions (every image scored exactly once).
@@ -146,7 +164,7 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
                            "n_images": sum(len(folds[n - 1].parts["val"]) for n in numbers)})
         mlflow.log_text(config.to_toml(), "config.toml")
         summary = {}
-        for split in ("val", "test", "probe_val", "probe_test"):
+        for split in ("val", "test", "probe_val", "probe_test", "tta_val", "tta_test"):
             per_fold = [metrics.flatten(outcome[split], split) for outcome in outcomes if split in outcome]
             for key in sorted(set().union(*per_fold)) if per_fold else []:
                 mean, low, high = stats.mean_ci([scores.get(key, np.nan) for scores in per_fold],
@@ -156,12 +174,7 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
         costs = {key: float(np.nanmean([outcome["costs"].get(key, np.nan) for outcome in outcomes]))
                  for key in outcomes[0]["costs"]}
         mlflow.log_metrics({**costs, "train_seconds": float(sum(outcome["seconds"] for outcome in outcomes))})
-        out_of_fold = pd.concat([outcome["predictions"]["val"].assign(fold=number)
-                                 for number, outcome in zip(numbers, outcomes)], ignore_index=True)
-        mlflow.log_text(out_of_fold.to_csv(index=False), "predictions_oof.csv")
-        probabilities = out_of_fold[recipe.probability_columns(first.dataset.class_names)].to_numpy()
-        samples = [intake.Sample(source, int(label)) for source, label in zip(out_of_fold.source, out_of_fold.label)]
-        recipe.score_split(first.dataset, samples, probabilities, spec, "oof", config.evaluate, None)
+        _score_out_of_fold(config, first, spec, [outcome["predictions"] for outcome in outcomes], numbers)
         if first.parts.get("test"):
             _score_ensemble_on_test(config, first, spec, [outcome["predictions"]["test"] for outcome in outcomes])
         if config.tracking.log_model:

@@ -98,6 +98,9 @@ class EvaluateConfig:
     # 2 classes: also choose on validation the threshold reaching this sensitivity and report the
     # specificity it costs (test, if any, is scored with that same threshold); 0 = off.
     target_sensitivity: float = 0.95
+    # Also score validation (and test) as `predict --tta` does: each image and its test-time views
+    # (pipeline.TTA_VIEWS), probabilities averaged; logged as tta_<split>_* beside the plain figures.
+    tta: bool = True
     calibration_bins: int = 10  # equal-width confidence bins for ECE and the reliability diagram
     bootstrap_resamples: int = 2000  # paired bootstrap for the backbone-vs-backbone table
 

@@ -372,8 +372,8 @@ def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = ()
     `callbacks` run on every epoch before the MLflow epoch logger; `score_key` (e.g. macro_f1)
     adds that validation metric to every epoch. A sweep `trial` only scores validation, from the
     outputs its best epoch already had (on cached inputs when the feed caches): no test, no Grad-CAM,
-    no inference timing, which at 224 px on a CPU cost more than a head-only trial's training.
-    Returns {split: metrics, ...}.
+    no inference timing, which at 224 px on a CPU cost more than a head-only trial's training, and
+    no test-time views (evaluate.tta: tta_<split>). Returns {split: metrics, ...}.
     """
     spec, size, model, train = built.spec, built.size, built.model, config.train
     dataset, parts = prepared.dataset, prepared.parts
@@ -395,6 +395,15 @@ def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = ()
         scores = {split: score_split(dataset, parts[split], probabilities[split], spec, split, config.evaluate,
                                      threshold) for split in splits}
         predictions = {split: predictions_frame(dataset, parts[split], probabilities[split]) for split in splits}
+        if config.evaluate.tta and not trial:
+            for split in splits:
+                averaged = pipeline.ensemble_probabilities(
+                    [(model, spec.preprocess)], pipeline.decoded_images(dataset, parts[split], size),
+                    train.batch_size, tta=True)
+                scores[f"tta_{split}"] = metrics.compute([s.label for s in parts[split]], averaged,
+                                                         dataset.class_names, config.evaluate.calibration_bins)
+                mlflow.log_metrics(metrics.flatten(scores[f"tta_{split}"], f"tta_{split}"))
+                predictions[f"tta_{split}"] = predictions_frame(dataset, parts[split], averaged)
         for split, frame in predictions.items():
             mlflow.log_text(frame.to_csv(index=False), f"predictions_{split}.csv")
     except (TrainingFailed, ValueError) as err:

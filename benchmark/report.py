@@ -96,6 +96,7 @@ def comparison_table(runs: list, source: str = "bench") -> pd.DataFrame:
         if "ensemble_test_accuracy" in m:  # cross-validated with a test split: the fold models together
             row.update({f"ensemble_test_{name}": m.get(f"ensemble_test_{name}", np.nan) for name in HEADLINE})
         _add_probe(row, m, source)
+        _add_scored_as(row, m, source, "tta")
         row.update({
             "trainable_params": int(m.get("trainable_params", 0)),
             "total_params": int(m.get("total_params", 0)),
@@ -112,18 +113,24 @@ def comparison_table(runs: list, source: str = "bench") -> pd.DataFrame:
 PROBE = ["accuracy", "macro_f1"]
 
 
-def _add_probe(row: dict, m: dict, source: str) -> None:
-    """The linear-probe baseline's accuracy and macro-F1 beside the fine-tuned ones, and a flag when
-    fine-tuning ended below its own probe (a recipe bug, not a finding)."""
+def _add_scored_as(row: dict, m: dict, source: str, prefix: str) -> None:
+    """Accuracy and macro-F1 of the model scored another way (prefix probe_: the linear probe;
+    tta_: with the test-time views), as the plain figures are shown."""
     suffix = "_mean" if source == "cv" else ""
     for split in ("val", "test"):
         for name in PROBE:
-            key = f"probe_{split}_{name}"
+            key = f"{prefix}_{split}_{name}"
             if f"{key}{suffix}" in m:
                 row[key] = m[f"{key}{suffix}"]
                 if source == "cv":
                     row.update({f"{key}_ci_low": m.get(f"{key}_ci_low", np.nan),
                                 f"{key}_ci_high": m.get(f"{key}_ci_high", np.nan)})
+
+
+def _add_probe(row: dict, m: dict, source: str) -> None:
+    """The linear-probe baseline's accuracy and macro-F1 beside the fine-tuned ones, and a flag when
+    fine-tuning ended below its own probe (a recipe bug, not a finding)."""
+    _add_scored_as(row, m, source, "probe")
     if "probe_val_accuracy" in row:
         below = [name for name in PROBE if row.get(f"val_{name}", np.nan) < row[f"probe_val_{name}"]]
         row["vs_probe"] = ("BELOW PROBE: " + ", ".join(below)) if below else "above or equal"
@@ -199,8 +206,10 @@ def markdown(table: pd.DataFrame, title: str, pairs: pd.DataFrame | None = None,
              "epoch, threshold) or test_ (scored once, never used for a choice). target_*: the threshold chosen "
              "on validation to reach the target sensitivity, and what it gives. probe_*: the linear-probe "
              "baseline (logistic regression on the frozen pretrained features, regularisation chosen on the "
-             "training images only); vs_probe flags a fine-tuned model below it. weights: `none` is random "
-             "init trained from scratch (BatchNorm in training mode, every layer trainable, no probe).", ""]
+             "training images only); vs_probe flags a fine-tuned model below it. tta_*: the same model on each "
+             "image and its horizontal flip, probabilities averaged (what `predict --tta` does). weights: `none` "
+             "is random init trained from scratch (BatchNorm in training mode, every layer trainable, no probe).",
+             ""]
     if source == "cv":
         lines += ["Cross-validated: mean over folds [95% CI, Student t]; folds are stratified and keep "
                   "duplicate groups whole, the same folds for every backbone. Per-class figures: comparison.csv. "

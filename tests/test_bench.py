@@ -92,6 +92,30 @@ def test_logged_metrics_equal_scikit_learn_on_the_saved_model(benched):
         assert row["val_accuracy"] == pytest.approx(logged["val_accuracy"])
 
 
+def test_test_time_flip_scores_are_the_mean_over_each_image_and_its_mirror(benched, tmp_path):
+    config, _, _, name = benched
+    client = MlflowClient(tracking.tracking_uri(config.tracking))
+    prepared = recipe.prepare_data(config)
+    val = prepared.parts["val"]
+    y = np.array([s.label for s in val])
+    images = np.asarray(pipeline.decoded_images(prepared.dataset, val, 32), dtype=np.float32)
+    for run in client.search_runs([client.get_experiment_by_name(name).experiment_id]):
+        spec = backbones.get(run.data.params["backbone"])
+        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model/model.keras",
+                                                    tracking_uri=client.tracking_uri)
+        model = keras.saving.load_model(local)
+        views = [model.predict(spec.preprocess(x), verbose=0) for x in (images, images[:, :, ::-1])]
+        averaged = metrics.class_probabilities(np.mean(views, axis=0))
+        logged = _artifact_frame(client, run.info.run_id, "predictions_tta_val.csv", tmp_path / run.info.run_id)
+        assert list(logged["source"]) == [s.source for s in val]
+        np.testing.assert_allclose(logged[recipe.probability_columns(prepared.dataset.class_names)], averaged,
+                                   atol=1e-5)
+        m = run.data.metrics
+        assert m["tta_val_accuracy"] == pytest.approx(accuracy_score(y, averaged.argmax(1)))
+        assert m["tta_val_macro_f1"] == pytest.approx(f1_score(y, averaged.argmax(1), average="macro",
+                                                               zero_division=0))
+
+
 def test_predict_finds_models_by_run_id_and_best(benched):
     from benchmark import modelfile, predict
 
@@ -570,11 +594,21 @@ def test_cross_validation_scores_the_fold_ensemble_on_the_test_split(tmp_path):
     assert logged["test_accuracy_mean"] == pytest.approx(np.mean([c.data.metrics["test_accuracy"] for c in children]))
     assert table.loc[0, "ensemble_test_accuracy"] == pytest.approx(logged["ensemble_test_accuracy"])
     assert "ensemble_test_accuracy" in paths["md"].read_text()
+    # The test-time flip: a mean over folds like every other figure, out of fold, and in the table.
+    for split in ("val", "test"):
+        per_fold = [c.data.metrics[f"tta_{split}_accuracy"] for c in children]
+        assert logged[f"tta_{split}_accuracy_mean"] == pytest.approx(np.mean(per_fold))
+        assert table.loc[0, f"tta_{split}_accuracy"] == pytest.approx(np.mean(per_fold))
+    flipped = _artifact_frame(client, parent.info.run_id, "predictions_tta_oof.csv", tmp_path / "oof")
+    assert sorted(flipped["fold"].unique()) == [1, 2, 3] and flipped["source"].is_unique
+    right = flipped[["prob_no", "prob_yes"]].to_numpy().argmax(1) == flipped["label"]
+    assert logged["tta_oof_accuracy"] == pytest.approx(right.mean())
 
-    again, _, _ = bench.run(config)  # every fold reused: their test predictions come from MLflow
+    again, _, _ = bench.run(config)  # every fold reused: their test and flip predictions come from MLflow
     rerun = client.get_run(again.loc[0, "run_id"]).data.metrics
     assert again.loc[0, "run_id"] != parent.info.run_id
-    for key in ("ensemble_test_accuracy", "ensemble_test_loss", "test_accuracy_mean"):
+    for key in ("ensemble_test_accuracy", "ensemble_test_loss", "test_accuracy_mean", "tta_val_accuracy_mean",
+                "tta_test_macro_f1_mean", "tta_oof_accuracy"):
         assert rerun[key] == pytest.approx(logged[key])
 
 
