@@ -13,39 +13,45 @@ import pandas as pd
 
 import backbones
 
-from . import intake, metrics, mlflow_model, modelfile, pipeline, recipe, report, stats, tracking
+from . import intake, metrics, mlflow_model, modelfile, pipeline, plots, recipe, report, stats, tracking
 from .config import fold_recipe
 from .trainer import TrainingFailed
 
+MEMBER_TAG = "tumorbench.member"  # 1-based seed-ensemble member of a fold run (absent before train.members: 1)
+
 
 def run_backbone(config, prepared: recipe.Prepared, name: str, weights: str, experiment: str,
-                 fold: int | None = None) -> dict:
+                 fold: int | None = None, member: int = 0) -> dict:
     """Train and evaluate one backbone inside its own MLflow run (a child run when it is one
-    cross-validation fold); prints one summary line."""
-    built = recipe.build(config, prepared, name, weights)
-    label = f"{name}-{built.weights_used}" + ("" if fold is None else f"-fold{fold + 1}")
+    cross-validation fold, or one seed-ensemble member of a fold); prints one summary line."""
+    built = recipe.build(config, prepared, name, weights, member)
+    label = (f"{name}-{built.weights_used}" + ("" if fold is None else f"-fold{fold + 1}")
+             + (f"-member{member + 1}" if config.train.members > 1 else ""))
     with mlflow.start_run(experiment_id=experiment, run_name=tracking.run_name(label),
                           nested=fold is not None) as run:
         tags = {tracking.KIND_TAG: "bench" if fold is None else "bench-fold", **tracking.provenance_tags()}
-        mlflow.set_tags(tags if fold is None else {**tags, "tumorbench.fold": str(fold + 1)})
+        mlflow.set_tags(tags if fold is None else {**tags, "tumorbench.fold": str(fold + 1),
+                                                   MEMBER_TAG: str(member + 1)})
         try:
             outcome = recipe.train_and_log(config, prepared, built)
         except TrainingFailed:
             mlflow.end_run(status="FAILED")
             raise
         val = outcome["val"]
-        probe_text = (f" (probe {outcome['probe_val']['accuracy']:.4f})" if "probe_val" in outcome else "")
-        probe_text += f" (flip {outcome['tta_val']['accuracy']:.4f})" if "tta_val" in outcome else ""
-        print(f"== {label:<24} val_accuracy={val['accuracy']:.4f}{probe_text} val_macro_f1={val['macro_f1']:.4f} "
+        extras = (f" (probe {outcome['probe_val']['accuracy']:.4f})" if "probe_val" in outcome else "")
+        extras += f" (flip {outcome['tta_val']['accuracy']:.4f})" if "tta_val" in outcome else ""
+        print(f"== {label:<24} val_accuracy={val['accuracy']:.4f}{extras} val_macro_f1={val['macro_f1']:.4f} "
               f"val_loss={val['loss']:.4f} epochs={outcome['epochs']} time={outcome['seconds']:.1f}s "
               f"run={run.info.run_id}", flush=True)
         return {**outcome, "run_id": run.info.run_id, "weights_used": built.weights_used}
 
 
-def finished_fold(config, prepared: recipe.Prepared, name: str, experiment: str, fold: int) -> dict | None:
-    """The outcome of fold `fold` if MLflow already holds it: a finished fold run of this backbone on
-    the same data whose saved config equals this one (so an interrupted cross-validation resumes
-    where it stopped instead of training finished folds again) by the same recipe.RECIPE_VERSION; None otherwise."""
+def finished_fold(config, prepared: recipe.Prepared, name: str, experiment: str, fold: int,
+                  member: int = 0) -> dict | None:
+    """The outcome of fold `fold` (its seed-ensemble member `member`) if MLflow already holds it: a
+    finished fold run of this backbone on the same data whose saved config equals this one (so an
+    interrupted cross-validation resumes where it stopped instead of training finished folds again)
+    by the same recipe.RECIPE_VERSION; None otherwise."""
     client = mlflow.tracking.MlflowClient()
     runs = client.search_runs(
         [experiment], f"tags.`{tracking.KIND_TAG}` = 'bench-fold' and tags.`tumorbench.fold` = '{fold + 1}' and "
@@ -55,6 +61,8 @@ def finished_fold(config, prepared: recipe.Prepared, name: str, experiment: str,
     wanted = fold_recipe(config.to_toml())
     dataset = prepared.dataset
     for run in runs:
+        if run.data.tags.get(MEMBER_TAG, "1") != str(member + 1):
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 saved = Path(client.download_artifacts(run.info.run_id, "config.toml", tmp)).read_text()
@@ -81,11 +89,37 @@ def finished_fold(config, prepared: recipe.Prepared, name: str, experiment: str,
         m = run.data.metrics
         costs = {key: m[key] for key in ("train_seconds", "phase1_seconds", "phase2_seconds", "trainable_params",
                                          "total_params", "inference_ms_per_image") if key in m}
-        print(f"== {name} fold {fold + 1}: already finished in run {run.info.run_id} with this config; reused",
-              flush=True)
+        which = f"fold {fold + 1}" + (f" member {member + 1}" if config.train.members > 1 else "")
+        print(f"== {name} {which}: already finished in run {run.info.run_id} with this config; reused", flush=True)
         return {**outcome, "predictions": predictions, "costs": costs, "seconds": m.get("train_seconds", 0.0),
                 "run_id": run.info.run_id, "weights_used": run.data.params["weights"], "reused": True}
     return None
+
+
+def _seed_ensemble(config, prepared: recipe.Prepared, members: list[dict]) -> dict:
+    """One fold's seed-ensemble members as one model: per split, their probabilities averaged per
+    image and scored at argmax (what `predict` does); the probe, the same for every member, from the
+    first; training seconds summed. run_ids lists every member's run (the models `predict` loads)."""
+    first = members[0]
+    if len(members) == 1:
+        return {**first, "run_ids": [first["run_id"]]}
+    dataset = prepared.dataset
+    classes = recipe.probability_columns(dataset.class_names)
+    combined = {key: value for key, value in first.items() if key.startswith("probe_")}
+    predictions = {split: frame for split, frame in first["predictions"].items() if split.startswith("probe_")}
+    for split in first["predictions"]:
+        if split.startswith("probe_") or not all(split in member["predictions"] for member in members):
+            continue
+        frames = [member["predictions"][split].set_index("source") for member in members]
+        mean = frames[0].copy()
+        mean[classes] = sum(frame.loc[mean.index, classes] for frame in frames) / len(frames)
+        predictions[split] = mean.reset_index()
+        combined[split] = metrics.compute(mean["label"], mean[classes].to_numpy(), dataset.class_names,
+                                          config.evaluate.calibration_bins)
+    costs = {key: float(np.mean([member["costs"].get(key, np.nan) for member in members])) for key in first["costs"]}
+    return {**combined, "predictions": predictions, "costs": costs,
+            "seconds": float(sum(member["seconds"] for member in members)),
+            "run_ids": [member["run_id"] for member in members], "weights_used": first["weights_used"]}
 
 
 def _log_ensemble(prepared: recipe.Prepared, fold_run_ids: list[str]) -> None:
@@ -131,13 +165,41 @@ def _score_out_of_fold(config, first: recipe.Prepared, spec, fold_predictions: l
         probabilities = out_of_fold[recipe.probability_columns(first.dataset.class_names)].to_numpy()
         samples = [intake.Sample(source, int(label)) for source, label in zip(out_of_fold.source, out_of_fold.label)]
         recipe.score_split(first.dataset, samples, probabilities, spec, name, config.evaluate, None)
+        if name == "oof":
+            _log_label_review(first.dataset, samples, probabilities, out_of_fold["fold"].to_numpy(), spec.name)
+
+
+def _log_label_review(dataset: intake.Dataset, samples: list[intake.Sample], probabilities: np.ndarray,
+                      folds: np.ndarray, backbone: str, shown: int = 18) -> None:
+    """Every out-of-fold error, the most confident first (label_review_oof.csv, and the first
+    `shown` as a picture sheet): an image whose held-out model is sure of another class may carry a
+    wrong label rather than meet a wrong model, and a person should look at it."""
+    names = dataset.class_names
+    labels = np.array([s.label for s in samples])
+    predicted = probabilities.argmax(axis=1)
+    own = probabilities[np.arange(len(samples)), labels]
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(own[wrong], kind="stable")]
+    review = pd.DataFrame({"source": [samples[i].source for i in wrong], "label": [names[labels[i]] for i in wrong],
+                           "predicted": [names[predicted[i]] for i in wrong], "p_label": own[wrong],
+                           "p_predicted": probabilities[wrong, predicted[wrong]], "fold": folds[wrong]})
+    mlflow.log_text(review.to_csv(index=False), "label_review_oof.csv")
+    if len(wrong):
+        chosen = [samples[i] for i in wrong[:shown]]
+        captions = [f"{s.source}\nlabel {row.label} ({row.p_label:.2f})\npredicted {row.predicted}"
+                    for s, row in zip(chosen, review.itertuples())]
+        images = [pipeline.resize(dataset.read(sample), 160) for sample in chosen]
+        tracking.log_figure(plots.image_sheet(images, captions, f"{backbone}: out-of-fold errors, most confident first"),
+                            "label_review_oof.png")
 
 
 def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights: str, experiment: str) -> dict:
     """A parent MLflow run per backbone with a child run per fold; the parent holds each metric's
     mean and 95% CI over folds, and the out-of-fold predictions (every image scored exactly once).
     Folds already finished with the same config are reused (and moved under this parent). With
-    data.only_folds only those folds are trained and scored (the run name says which)."""
+    data.only_folds only those folds are trained and scored (the run name says which). With
+    train.members > 1 each fold is a seed ensemble of that many child runs (_seed_ensemble), and
+    member_val_* holds the mean over every member run alone, to show what the ensemble adds."""
     first = folds[0]
     spec = backbones.get(name)
     numbers = sorted(config.data.only_folds) or list(range(1, len(folds) + 1))
@@ -145,18 +207,28 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
     with mlflow.start_run(experiment_id=experiment,
                           run_name=tracking.run_name(f"{name}-{weights}-cv{len(folds)}{partial}")) as parent:
         mlflow.set_tags({tracking.KIND_TAG: "bench-cv", **tracking.provenance_tags()})
-        outcomes = []
+        outcomes, member_scores = [], []
         for number in numbers:
             index = number - 1
-            outcome = finished_fold(config, folds[index], name, experiment, index)
-            if outcome is None:
-                outcome = run_backbone(config, folds[index], name, weights, experiment, fold=index)
-            else:
-                mlflow.tracking.MlflowClient().set_tag(outcome["run_id"], "mlflow.parentRunId", parent.info.run_id)
-            outcomes.append(outcome)
+            members = []
+            for member in range(config.train.members):
+                outcome = finished_fold(config, folds[index], name, experiment, index, member)
+                if outcome is None:
+                    outcome = run_backbone(config, folds[index], name, weights, experiment, fold=index, member=member)
+                else:
+                    mlflow.tracking.MlflowClient().set_tag(outcome["run_id"], "mlflow.parentRunId",
+                                                           parent.info.run_id)
+                members.append(outcome)
+            outcomes.append(_seed_ensemble(config, folds[index], members))
+            if len(members) > 1:
+                member_scores += [metrics.flatten(member["val"], "member_val") for member in members]
+                alone = " / ".join(f"{member['val']['accuracy']:.4f}" for member in members)
+                print(f"== {name} fold {number}: seed ensemble of {len(members)} val_accuracy "
+                      f"{outcomes[-1]['val']['accuracy']:.4f} (members alone {alone})", flush=True)
         mlflow.log_params({"backbone": name, "weights": outcomes[0]["weights_used"], "weights_requested": weights,
                            "input_size": recipe.input_size(config, spec), "folds": len(folds),
                            "folds_scored": ",".join(map(str, numbers)), "seed": config.seed,
+                           "members": config.train.members,
                            "data_path": first.path,
                            "data_fingerprint": first.dataset.fingerprint,
                            "class_names": json.dumps(first.dataset.class_names),
@@ -164,8 +236,9 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
                            "n_images": sum(len(folds[n - 1].parts["val"]) for n in numbers)})
         mlflow.log_text(config.to_toml(), "config.toml")
         summary = {}
-        for split in ("val", "test", "probe_val", "probe_test", "tta_val", "tta_test"):
-            per_fold = [metrics.flatten(outcome[split], split) for outcome in outcomes if split in outcome]
+        for split in ("val", "test", "probe_val", "probe_test", "tta_val", "tta_test", "member_val"):
+            per_fold = (member_scores if split == "member_val" else
+                        [metrics.flatten(outcome[split], split) for outcome in outcomes if split in outcome])
             for key in sorted(set().union(*per_fold)) if per_fold else []:
                 mean, low, high = stats.mean_ci([scores.get(key, np.nan) for scores in per_fold],
                                                 bounds=metrics.score_range(key))
@@ -178,7 +251,7 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
         if first.parts.get("test"):
             _score_ensemble_on_test(config, first, spec, [outcome["predictions"]["test"] for outcome in outcomes])
         if config.tracking.log_model:
-            _log_ensemble(first, [outcome["run_id"] for outcome in outcomes])
+            _log_ensemble(first, [run_id for outcome in outcomes for run_id in outcome["run_ids"]])
         scope = f" (folds {', '.join(map(str, numbers))} alone)" if partial else ""
         print(f"== {name} {len(folds)}-fold{scope}: val_accuracy {summary['val_accuracy_mean']:.4f} "
               f"[{summary['val_accuracy_ci_low']:.4f}, {summary['val_accuracy_ci_high']:.4f}], val_macro_f1 "

@@ -83,6 +83,11 @@ class TrainConfig:
     # seeds do). Epoch e trains on view e mod views (view 0 the plain images, the others augmented):
     # fewer views are faster to build, more views come closer to fresh augmentation every epoch.
     cache_views: int = 4
+    # Models trained per cross-validation fold, member m from training seed `seed + m - 1`
+    # (initialisation, shuffling, augmentation; the folds stay those of `seed`). The fold's scores, the
+    # out-of-fold predictions and `predict` average the members' probabilities: a seed ensemble, for
+    # small sets where one fine-tuning run lands anywhere in a wide range.
+    members: int = 1
     mixed_precision: str = "auto"  # auto (on with a GPU) | on | off
     jit_compile: str = "auto"  # XLA: auto (Keras decides; on with a GPU) | on | off
     # Run Keras eagerly, without tracing graphs: for debugging, and for tiny runs (the test suite),
@@ -241,6 +246,7 @@ RULES: dict[str, tuple] = {
     "train.batchnorm": _one_of("frozen", "train"),
     "train.verbose": _one_of(0, 1, 2),
     "train.cache_views": (_at_least(0), ">= 0 (0: stream)"),
+    "train.members": (_at_least(1), ">= 1"),
     "train.mixed_precision": _one_of("auto", "on", "off"),
     "train.jit_compile": _one_of("auto", "on", "off"),
     "evaluate.target_sensitivity": (lambda v: 0 <= v < 1, "0 (off) or a sensitivity below 1"),
@@ -270,6 +276,9 @@ def validate(config: Config) -> Config:
     if only and (len(set(only)) != len(only) or not all(1 <= f <= config.data.folds for f in only)):
         raise ConfigError(f"data.only_folds = {only!r} is not allowed: distinct fold numbers 1..data.folds "
                           f"({config.data.folds}), with cross-validation (data.folds >= 2)")
+    if config.train.members > 1 and config.data.folds < 2:
+        raise ConfigError(f"train.members = {config.train.members} trains a seed ensemble per cross-validation "
+                          f"fold: it needs data.folds >= 2 (got {config.data.folds})")
     if config.train.head_init == "probe" and config.model.head_units:
         raise ConfigError(f"train.head_init = 'probe' sets a linear head to the linear probe: it needs "
                           f"model.head_units = 0 (got {config.model.head_units})")
@@ -297,9 +306,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return validate(config)
 
 
-# Keys that choose which folds and which backbones a run trains, not what one backbone's fold
+# Keys that choose which folds, backbones and seed members a run trains, not what one backbone's fold
 # computes: left out when a saved fold run's config is matched against this one for reuse.
-NOT_FOLD_RECIPE = (("data", "only_folds"), ("model", "backbones"))
+NOT_FOLD_RECIPE = (("data", "only_folds"), ("model", "backbones"), ("train", "members"))
 
 
 def fold_recipe(toml_text: str) -> dict | None:

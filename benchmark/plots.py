@@ -104,6 +104,20 @@ def gradcam_grid(images, overlays, titles: list[str], title: str):
     return fig
 
 
+def image_sheet(images, captions: list[str], title: str, per_row: int = 6):
+    """Images in a grid, `per_row` a row, each with its caption."""
+    rows = -(-len(images) // per_row)
+    fig, axes = plt.subplots(rows, per_row, figsize=(2.2 * per_row, 2.5 * rows + 0.6), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, caption in zip(axes.ravel(), images, captions):
+        ax.imshow(image)
+        ax.set_title(caption, fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def message_figure(text: str):
     fig, ax = plt.subplots(figsize=(6, 1.5))
     ax.axis("off")

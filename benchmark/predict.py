@@ -34,11 +34,12 @@ def _downloaded(client, run_id: str) -> Path:
 
 
 def _fold_runs(client, parent) -> list:
-    """The finished fold runs of a cross-validated parent run, in fold order."""
+    """The finished fold runs of a cross-validated parent run (every seed-ensemble member), in fold order."""
     runs = client.search_runs([parent.info.experiment_id],
                               f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and attributes.status = 'FINISHED'",
                               max_results=1000)
-    return sorted(runs, key=lambda r: int(r.data.tags.get("tumorbench.fold", 0)))
+    return sorted(runs, key=lambda r: (int(r.data.tags.get("tumorbench.fold", 0)),
+                                       int(r.data.tags.get("tumorbench.member", 1))))
 
 
 def _best_run(client, data_set: str):

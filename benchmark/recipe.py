@@ -114,7 +114,7 @@ def _augment_summary(augment) -> str:
 RECIPE_VERSION = 3
 
 
-def _log_params(config, prepared: Prepared, spec, size: int, weights_used: str) -> None:
+def _log_params(config, prepared: Prepared, spec, size: int, weights_used: str, train_seed: int) -> None:
     dataset = prepared.dataset
     train, model = config.train, config.model
     mlflow.log_params({
@@ -123,7 +123,7 @@ def _log_params(config, prepared: Prepared, spec, size: int, weights_used: str) 
         "epochs1": train.epochs1, "epochs2": train.epochs2, "batch_size": train.batch_size,
         "augmentation": _augment_summary(config.augment), "class_weights": train.class_weights,
         "cache_views": train.cache_views, "batchnorm": "train" if batch_statistics(config, weights_used) else "frozen",
-        "seed": config.seed, "data_path": prepared.path, "data_fingerprint": dataset.fingerprint,
+        "seed": config.seed, "train_seed": train_seed, "data_path": prepared.path, "data_fingerprint": dataset.fingerprint,
         "class_names": json.dumps(dataset.class_names), "class_to_index": json.dumps(dataset.class_to_index),
         "head_units": model.head_units, "dropout": model.dropout,
         "n_train": len(prepared.parts["train"]), "n_val": len(prepared.parts["val"]),
@@ -279,6 +279,7 @@ class Built:
     feed: object
     # BatchNormalization statistics as loaded, kept when the factory adapted them (train.batchnorm)
     loaded_statistics: dict | None = None
+    seed: int = 0  # its training seed (training_seed)
 
     @property
     def from_scratch(self) -> bool:
@@ -305,14 +306,21 @@ def batch_statistics(config, weights_used: str) -> bool:
     return weights_used == "none" or adapts_batchnorm(config, weights_used)
 
 
-def make_feed(config, prepared: Prepared, spec, size: int, weights_used: str):
-    """Cached frozen-layer outputs (train.cache_views > 0) or the full model streamed every epoch."""
+def training_seed(config, member: int = 0) -> int:
+    """The seed of seed-ensemble member `member` (0-based; train.members): initialisation, shuffling
+    and augmentation. Member 0 trains from `seed` itself, as a run without members does."""
+    return config.seed + member
+
+
+def make_feed(config, prepared: Prepared, spec, size: int, weights_used: str, seed: int):
+    """Cached frozen-layer outputs (train.cache_views > 0) or the full model streamed every epoch,
+    augmented and shuffled from `seed`."""
     dataset, parts, train = prepared.dataset, prepared.parts, config.train
     n_classes = len(dataset.class_names)
     train_labels = [s.label for s in parts["train"]]
     weights = pipeline.class_weights(train_labels, n_classes) if train.class_weights else None
     train_ds = pipeline.make_dataset(dataset, parts["train"], spec.preprocess, size, train.batch_size,
-                                     training=True, augment=config.augment, weights=weights, seed=config.seed)
+                                     training=True, augment=config.augment, weights=weights, seed=seed)
     streamed = feeds.Streamed(train_ds, pipeline.make_dataset(dataset, parts["val"], spec.preprocess, size,
                                                               train.batch_size))
     if train.cache_views <= 0:
@@ -325,7 +333,7 @@ def make_feed(config, prepared: Prepared, spec, size: int, weights_used: str):
         pipeline.decoded_images(dataset, parts["train"], size), pipeline.label_array(parts["train"], n_classes),
         None if weights is None else weights[train_labels].astype("float32"),
         pipeline.decoded_images(dataset, parts["val"], size), pipeline.label_array(parts["val"], n_classes),
-        spec.preprocess, config.augment, train.cache_views, config.seed, train.batch_size, key,
+        spec.preprocess, config.augment, train.cache_views, seed, train.batch_size, key,
         plan_unfreeze=train.unfreeze if train.epochs2 > 0 else 0, stream=streamed,
         batch_statistics=batch_statistics(config, weights_used))
 
@@ -342,14 +350,16 @@ def input_size(config, spec) -> int:
     return config.model.input_size or spec.input_size
 
 
-def build(config, prepared: Prepared, name: str, weights: str) -> Built:
-    """The model factory: a fresh Keras session, seeded, base + head, and the feed for it. With
+def build(config, prepared: Prepared, name: str, weights: str, member: int = 0) -> Built:
+    """The model factory: a fresh Keras session seeded for seed-ensemble member `member`, base +
+    head, and the feed for it. With
     train.batchnorm = "train" the pretrained base's BatchNormalization statistics are first adapted
     to the plain training images (AdaBN), so the probe, the head and fine-tuning share them."""
     spec = backbones.get(name)
     size = input_size(config, spec)
     keras.backend.clear_session()
-    keras.utils.set_random_seed(config.seed)
+    seed = training_seed(config, member)
+    keras.utils.set_random_seed(seed)
     set_precision(config.train)
     base, weights_used = backbones.build_base(spec, size, weights)
     if weights_used == "none":
@@ -362,7 +372,8 @@ def build(config, prepared: Prepared, name: str, weights: str) -> Built:
         adapt_batchnorm(base, spec, config.train.unfreeze, (spec.preprocess(batch) for _, _, batch in batches))
     model = build_classifier(base, size, len(prepared.dataset.class_names), config.model.head_units,
                              config.model.dropout, batch_statistics=batch_statistics(config, weights_used))
-    return Built(spec, size, base, model, weights_used, make_feed(config, prepared, spec, size, weights_used), loaded)
+    return Built(spec, size, base, model, weights_used, make_feed(config, prepared, spec, size, weights_used, seed),
+                 loaded, seed)
 
 
 def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = (), score_key: str = "",
@@ -379,7 +390,7 @@ def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = ()
     dataset, parts = prepared.dataset, prepared.parts
     n_classes = len(dataset.class_names)
     score = (score_key, [s.label for s in parts["val"]], dataset.class_names) if score_key else None
-    _log_params(config, prepared, spec, size, built.weights_used)
+    _log_params(config, prepared, spec, size, built.weights_used, built.seed)
     head_ready = train.head_init == "probe" and not built.from_scratch
     probe_scores = {} if trial and not head_ready else run_probe(config, prepared, built, score_test=not trial)
     try:

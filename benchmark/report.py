@@ -80,6 +80,7 @@ def comparison_table(runs: list, source: str = "bench") -> pd.DataFrame:
             scored = [n for n in p.get("folds_scored", "").split(",") if n]  # data.only_folds: some of k
             row["folds"] = (f"{'+'.join(scored)} of {p['folds']}" if scored and len(scored) < int(p["folds"])
                             else int(p["folds"]))
+            row["members"] = int(p.get("members", 1))  # seed-ensemble models per fold (train.members)
         if run.data.tags.get("tumorbench.trial"):
             row.update({"trial": int(run.data.tags["tumorbench.trial"]), "lr1": float(p["lr1"]),
                         "lr2": float(p["lr2"]), "unfreeze": int(p["unfreeze"]), "dropout": float(p["dropout"]),
@@ -97,6 +98,7 @@ def comparison_table(runs: list, source: str = "bench") -> pd.DataFrame:
             row.update({f"ensemble_test_{name}": m.get(f"ensemble_test_{name}", np.nan) for name in HEADLINE})
         _add_probe(row, m, source)
         _add_scored_as(row, m, source, "tta")
+        _add_scored_as(row, m, source, "member")
         row.update({
             "trainable_params": int(m.get("trainable_params", 0)),
             "total_params": int(m.get("total_params", 0)),
@@ -115,7 +117,8 @@ PROBE = ["accuracy", "macro_f1"]
 
 def _add_scored_as(row: dict, m: dict, source: str, prefix: str) -> None:
     """Accuracy and macro-F1 of the model scored another way (prefix probe_: the linear probe;
-    tta_: with the test-time views), as the plain figures are shown."""
+    tta_: with the test-time views; member_: a seed ensemble's members alone), as the plain figures
+    are shown."""
     suffix = "_mean" if source == "cv" else ""
     for split in ("val", "test"):
         for name in PROBE:
@@ -261,11 +264,12 @@ def _class_names(table: pd.DataFrame) -> list[str]:
 
 FIGURES = {"bench": ["training_curves.png", "confusion_matrix_val.png", "reliability_val.png"],
            "sweep": ["training_curves.png", "confusion_matrix_val.png", "reliability_val.png"],
-           "cv": ["confusion_matrix_oof.png", "reliability_oof.png"]}
+           "cv": ["confusion_matrix_oof.png", "reliability_oof.png", "label_review_oof.csv"]}
 
 
 def copy_run_figures(client: MlflowClient, runs: list, out_dir: Path, source: str = "bench") -> list[Path]:
-    """Each run's figures, fetched from MLflow, as <backbone>-<figure>.png (those a run lacks are skipped)."""
+    """Each run's figures (and a CV run's label-review list), fetched from MLflow, as
+    <backbone>-<file> (those a run lacks are skipped)."""
     copied = []
     for run in runs:
         for figure in FIGURES[source]:

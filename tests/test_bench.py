@@ -189,7 +189,7 @@ def test_phase_two_changes_only_the_unfrozen_groups(name, views, tmp_path, monke
     base, _ = backbones.build_base(spec, 32, weights)
     model = build_classifier(base, 32, 2, 8, 0.0)
     snapshots = _Snapshots(base)
-    feed = recipe.make_feed(config, prepared, spec, 32, weights)
+    feed = recipe.make_feed(config, prepared, spec, 32, weights, config.seed)
     result = train_two_phase(model, base, spec, feed, config.train, 2, callbacks=[snapshots])
     assert result.unfrozen == spec.group_names[-1:]
     assert result.phase2_start == 1 and [e["phase"] for e in result.epochs] == [1, 2, 2]
@@ -336,7 +336,7 @@ def test_best_epoch_outputs_are_what_the_restored_model_predicts(name, tmp_path)
     keras.utils.set_random_seed(0)
     base, _ = backbones.build_base(spec, 32, "none")
     model = build_classifier(base, 32, 2, 8, 0.0)
-    feed = recipe.make_feed(config, prepared, spec, 32, "none")
+    feed = recipe.make_feed(config, prepared, spec, 32, "none", config.seed)
     labels = [s.label for s in parts["val"]]
     result = train_two_phase(model, base, spec, feed, config.train, 2, score=("accuracy", labels, dataset.class_names))
     assert sorted(result.val_outputs) == [e["epoch"] for e in result.epochs]
@@ -697,3 +697,71 @@ def test_a_killed_command_leaves_its_run_failed_not_running(tmp_path):
         signal.signal(signal.SIGTERM, previous)
     assert stopped.value.code == 128 + signal.SIGTERM
     assert MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
+
+
+def test_seed_ensemble_members_per_fold(tmp_path, monkeypatch):
+    """train.members = 2: each fold is two runs from seeds 42 and 43 on the same split; the fold's
+    scores, the out-of-fold predictions and `predict` use their averaged probabilities. A CV run
+    without members is member 1: adding a member reuses it and trains only the new one."""
+    from benchmark import predict, stats
+
+    cv = ["data.folds=2", 'model.backbones=["vgg16"]', 'data.phantom_mode="binary"', "data.phantom_per_class=6"]
+    single, _, name = bench.run(tiny_config(tmp_path, *cv))
+    client = MlflowClient(tracking.tracking_uri(tiny_config(tmp_path, *cv).tracking))
+    experiment = client.get_experiment_by_name(name).experiment_id
+    first_members = {c.info.run_id for c in client.search_runs(
+        [experiment], f"tags.`mlflow.parentRunId` = '{single.loc[0, 'run_id']}'")}
+
+    config = tiny_config(tmp_path, *cv, "train.members=2")
+    table, _, _ = bench.run(config)
+    parent = client.get_run(table.loc[0, "run_id"])
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted((c.data.tags["tumorbench.fold"], c.data.tags["tumorbench.member"]) for c in children) == [
+        ("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")]
+    assert first_members < {c.info.run_id for c in children}  # member 1 of each fold reused, not retrained
+    assert sorted(c.data.params["train_seed"] for c in children) == ["42", "42", "43", "43"]
+    assert {c.data.params["seed"] for c in children} == {"42"}  # the folds stay those of seed 42
+
+    oof = _artifact_frame(client, parent.info.run_id, "predictions_oof.csv", tmp_path / "oof").set_index("source")
+    fold_accuracies = []
+    for fold in ("1", "2"):
+        members = [_artifact_frame(client, c.info.run_id, "predictions_val.csv", tmp_path / c.info.run_id)
+                   .set_index("source") for c in children if c.data.tags["tumorbench.fold"] == fold]
+        assert not np.allclose(members[0]["prob_yes"], members[1].loc[members[0].index, "prob_yes"])
+        averaged = (members[0]["prob_yes"] + members[1].loc[members[0].index, "prob_yes"]) / 2
+        np.testing.assert_allclose(oof.loc[averaged.index, "prob_yes"], averaged, rtol=1e-6)
+        fold_accuracies.append(accuracy_score(members[0]["label"], averaged > 0.5))
+    logged = parent.data.metrics
+    assert logged["val_accuracy_mean"] == pytest.approx(np.mean(fold_accuracies))
+    assert logged["member_val_accuracy_mean"] == pytest.approx(
+        stats.mean_ci([c.data.metrics["val_accuracy"] for c in children], bounds=(0, 1))[0])
+    assert parent.data.params["members"] == "2"
+    assert table.loc[0, "members"] == 2 and table.loc[0, "member_val_accuracy"] == pytest.approx(
+        logged["member_val_accuracy_mean"])
+    assert len(predict.resolve_models(parent.info.run_id, config.tracking)) == 4  # every member predicts
+
+    # The same command again trains nothing.
+    monkeypatch.setattr(bench, "run_backbone", lambda *args, **kwargs: pytest.fail("a finished member was retrained"))
+    again, _, _ = bench.run(config)
+    assert again.loc[0, "val_accuracy"] == pytest.approx(table.loc[0, "val_accuracy"])
+
+
+def test_label_review_lists_every_out_of_fold_error_most_confident_first(tmp_path):
+    config = tiny_config(tmp_path, 'data.phantom_mode="binary"', "data.phantom_per_class=3")
+    dataset = recipe.prepare_data(config).dataset
+    samples = sorted((s for split in dataset.splits.values() for s in split), key=lambda s: s.source)
+    assert len(samples) == 6
+    labels = np.array([s.label for s in samples])
+    p_own = np.array([0.9, 0.3, 0.05, 0.6, 0.45, 0.99])  # wrong where below 0.5: 3 of 6
+    probabilities = np.zeros((6, 2))
+    probabilities[np.arange(6), labels] = p_own
+    probabilities[np.arange(6), 1 - labels] = 1 - p_own
+    client = tracking.connect(config.tracking)
+    with mlflow.start_run(experiment_id=tracking.experiment_id(client, "review", config.tracking)) as run:
+        bench._log_label_review(dataset, samples, probabilities, np.array([1, 1, 2, 2, 3, 3]), "vgg16")
+    review = _artifact_frame(client, run.info.run_id, "label_review_oof.csv", tmp_path)
+    assert list(review["source"]) == [samples[2].source, samples[1].source, samples[4].source]
+    assert list(review["p_label"]) == pytest.approx([0.05, 0.3, 0.45])
+    assert list(review["fold"]) == [2, 1, 3]
+    assert list(review["predicted"]) == [dataset.class_names[1 - labels[i]] for i in (2, 1, 4)]
+    assert "label_review_oof.png" in {a.path for a in client.list_artifacts(run.info.run_id)}

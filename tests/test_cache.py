@@ -68,7 +68,7 @@ def test_a_changed_input_builds_a_new_cache(tiny, tmp_path, monkeypatch):
         keras.backend.clear_session()
         base, _ = backbones.build_base(spec, 32, "none")
         model = build_classifier(base, 32, 2, 8, 0.0)
-        recipe.make_feed(config, prepared, spec, 32, weights).phase(model, base, spec, 0)
+        recipe.make_feed(config, prepared, spec, 32, weights, config.seed).phase(model, base, spec, 0)
         return {p.name for p in _feature_files(tmp_path)}
 
     config = load_config(None, ["train.cache_views=2", "train.epochs2=0"])

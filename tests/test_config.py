@@ -73,6 +73,8 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     ("sweep.lr1=[1e-2, 1e-5]", "sweep.lr1 = [0.01, 1e-05] is not allowed"),
     ("model.backbones=[]", "model.backbones = [] is not allowed: at least one backbone"),
     ("train.head_init=\"probe\"", "needs model.head_units = 0 (got 256)"),
+    ("train.members=0", "train.members = 0 is not allowed: >= 1"),
+    ("train.members=3", "train.members = 3 trains a seed ensemble per cross-validation fold: it needs data.folds >= 2"),
 ])
 def test_values_that_cant_be_meant_are_refused_by_name(override, message):
     with pytest.raises(ConfigError) as err:
@@ -108,6 +110,8 @@ def test_fold_reuse_compares_configs_with_defaults_filled_in():
     alone = load_config(None, ["data.folds=5", "train.lr2=2e-4", 'model.backbones=["resnet50"]'])
     assert alone.model.backbones != config.model.backbones
     assert fold_recipe(alone.to_toml()) == fold_recipe(config.to_toml())
+    more = load_config(None, ["data.folds=5", "train.lr2=2e-4", "train.members=3"])  # member 1 of 3 is this fold
+    assert fold_recipe(more.to_toml()) == fold_recipe(config.to_toml())
     assert fold_recipe(load_config(None, ["data.folds=5", "train.lr2=3e-4"]).to_toml()) != fold_recipe(config.to_toml())
     saved["train"]["retired_setting"] = 1
     assert fold_recipe(to_toml(saved)) is None
