@@ -306,9 +306,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return validate(config)
 
 
-# Keys that choose which folds, backbones and seed members a run trains, not what one backbone's fold
-# computes: left out when a saved fold run's config is matched against this one for reuse.
-NOT_FOLD_RECIPE = (("data", "only_folds"), ("model", "backbones"), ("train", "members"))
+# Keys that choose which folds, backbones and seed members a run trains, or where its results go,
+# not what one backbone's fold computes: left out when a saved fold run's config is matched against
+# this one for reuse.
+NOT_FOLD_RECIPE = (("data", "only_folds"), ("model", "backbones"), ("train", "members"),
+                   ("tracking", "uri"), ("tracking", "results_dir"))
 
 
 def fold_recipe(toml_text: str) -> dict | None:

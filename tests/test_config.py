@@ -112,6 +112,9 @@ def test_fold_reuse_compares_configs_with_defaults_filled_in():
     assert fold_recipe(alone.to_toml()) == fold_recipe(config.to_toml())
     more = load_config(None, ["data.folds=5", "train.lr2=2e-4", "train.members=3"])  # member 1 of 3 is this fold
     assert fold_recipe(more.to_toml()) == fold_recipe(config.to_toml())
+    elsewhere = load_config(None, ["data.folds=5", "train.lr2=2e-4", 'tracking.uri="sqlite:////else/mlflow.db"',
+                                   'tracking.results_dir="/else"'])  # where results go, not what a fold computes
+    assert fold_recipe(elsewhere.to_toml()) == fold_recipe(config.to_toml())
     assert fold_recipe(load_config(None, ["data.folds=5", "train.lr2=3e-4"]).to_toml()) != fold_recipe(config.to_toml())
     saved["train"]["retired_setting"] = 1
     assert fold_recipe(to_toml(saved)) is None
