@@ -199,7 +199,8 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
     Folds already finished with the same config are reused (and moved under this parent). With
     data.only_folds only those folds are trained and scored (the run name says which). With
     train.members > 1 each fold is a seed ensemble of that many child runs (_seed_ensemble), and
-    member_val_* holds the mean over every member run alone, to show what the ensemble adds."""
+    member_val_* holds the members alone (averaged within each fold, then over folds like every
+    other figure), to show what the ensemble adds."""
     first = folds[0]
     spec = backbones.get(name)
     numbers = sorted(config.data.only_folds) or list(range(1, len(folds) + 1))
@@ -220,8 +221,10 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
                                                            parent.info.run_id)
                 members.append(outcome)
             outcomes.append(_seed_ensemble(config, folds[index], members))
-            if len(members) > 1:
-                member_scores += [metrics.flatten(member["val"], "member_val") for member in members]
+            if len(members) > 1:  # the fold's members alone, averaged: one sample per fold for the CI
+                alone_scores = [metrics.flatten(member["val"], "member_val") for member in members]
+                member_scores.append({key: float(np.nanmean([scores.get(key, np.nan) for scores in alone_scores]))
+                                      for key in set().union(*alone_scores)})
                 alone = " / ".join(f"{member['val']['accuracy']:.4f}" for member in members)
                 print(f"== {name} fold {number}: seed ensemble of {len(members)} val_accuracy "
                       f"{outcomes[-1]['val']['accuracy']:.4f} (members alone {alone})", flush=True)
