@@ -17,8 +17,6 @@ from . import intake, metrics, mlflow_model, modelfile, pipeline, plots, recipe,
 from .config import fold_recipe
 from .trainer import TrainingFailed
 
-MEMBER_TAG = "tumorbench.member"  # 1-based seed-ensemble member of a fold run (absent before train.members: 1)
-
 
 def run_backbone(config, prepared: recipe.Prepared, name: str, weights: str, experiment: str,
                  fold: int | None = None, member: int = 0) -> dict:
@@ -31,7 +29,7 @@ def run_backbone(config, prepared: recipe.Prepared, name: str, weights: str, exp
                           nested=fold is not None) as run:
         tags = {tracking.KIND_TAG: "bench" if fold is None else "bench-fold", **tracking.provenance_tags()}
         mlflow.set_tags(tags if fold is None else {**tags, "tumorbench.fold": str(fold + 1),
-                                                   MEMBER_TAG: str(member + 1)})
+                                                   tracking.MEMBER_TAG: str(member + 1)})
         try:
             outcome = recipe.train_and_log(config, prepared, built)
         except TrainingFailed:
@@ -61,7 +59,7 @@ def finished_fold(config, prepared: recipe.Prepared, name: str, experiment: str,
     wanted = fold_recipe(config.to_toml())
     dataset = prepared.dataset
     for run in runs:
-        if run.data.tags.get(MEMBER_TAG, "1") != str(member + 1):
+        if run.data.tags.get(tracking.MEMBER_TAG, "1") != str(member + 1):
             continue
         with tempfile.TemporaryDirectory() as tmp:
             try:

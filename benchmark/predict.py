@@ -39,7 +39,7 @@ def _fold_runs(client, parent) -> list:
                               f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and attributes.status = 'FINISHED'",
                               max_results=1000)
     return sorted(runs, key=lambda r: (int(r.data.tags.get("tumorbench.fold", 0)),
-                                       int(r.data.tags.get("tumorbench.member", 1))))
+                                       int(r.data.tags.get(tracking.MEMBER_TAG, 1))))
 
 
 def _best_run(client, data_set: str):

@@ -352,9 +352,9 @@ def input_size(config, spec) -> int:
 
 def build(config, prepared: Prepared, name: str, weights: str, member: int = 0) -> Built:
     """The model factory: a fresh Keras session seeded for seed-ensemble member `member`, base +
-    head, and the feed for it. With
-    train.batchnorm = "train" the pretrained base's BatchNormalization statistics are first adapted
-    to the plain training images (AdaBN), so the probe, the head and fine-tuning share them."""
+    head, and the feed for it. With train.batchnorm = "train" the pretrained base's
+    BatchNormalization statistics are first adapted to the plain training images (AdaBN), so the
+    probe, the head and fine-tuning share them."""
     spec = backbones.get(name)
     size = input_size(config, spec)
     keras.backend.clear_session()

@@ -19,6 +19,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
 
 KIND_TAG = "tumorbench.kind"
+MEMBER_TAG = "tumorbench.member"  # 1-based seed-ensemble member of a fold run (absent before train.members: 1)
 MODEL_URI_TAG = "tumorbench.model_uri"  # the run's MLflow model (models:/<id>)
 REGISTERED_TAG = "tumorbench.registered"  # "<registered name> v<version>" when the run became a champion
 CHAMPION = "champion"
