@@ -94,6 +94,15 @@ def finished_fold(config, prepared: recipe.Prepared, name: str, experiment: str,
     return None
 
 
+def _mean_by_source(frames: list[pd.DataFrame], classes: list[str]) -> pd.DataFrame:
+    """Prediction frames of the same images (rows in any order) as one: the first frame's columns,
+    indexed by source, with the class probabilities averaged per image."""
+    indexed = [frame.set_index("source") for frame in frames]
+    mean = indexed[0].copy()
+    mean[classes] = sum(frame.loc[mean.index, classes] for frame in indexed) / len(indexed)
+    return mean
+
+
 def _seed_ensemble(config, prepared: recipe.Prepared, members: list[dict]) -> dict:
     """One fold's seed-ensemble members as one model: per split, their probabilities averaged per
     image and scored at argmax (what `predict` does); the probe, the same for every member, from the
@@ -108,9 +117,7 @@ def _seed_ensemble(config, prepared: recipe.Prepared, members: list[dict]) -> di
     for split in first["predictions"]:
         if split.startswith("probe_") or not all(split in member["predictions"] for member in members):
             continue
-        frames = [member["predictions"][split].set_index("source") for member in members]
-        mean = frames[0].copy()
-        mean[classes] = sum(frame.loc[mean.index, classes] for frame in frames) / len(frames)
+        mean = _mean_by_source([member["predictions"][split] for member in members], classes)
         predictions[split] = mean.reset_index()
         combined[split] = metrics.compute(mean["label"], mean[classes].to_numpy(), dataset.class_names,
                                           config.evaluate.calibration_bins)
@@ -140,12 +147,11 @@ def _score_ensemble_on_test(config, prepared: recipe.Prepared, spec, fold_predic
     any fold, so this is the figure for unseen data; the 2-class threshold is argmax (no member's
     validation chose it)."""
     classes = recipe.probability_columns(prepared.dataset.class_names)
-    frames = [frame.set_index("source") for frame in fold_predictions]
-    mean = sum(frame[classes] for frame in frames) / len(frames)
+    mean = _mean_by_source(fold_predictions, classes)
     samples = prepared.parts["test"]
-    probabilities = mean.loc[[s.source for s in samples]].to_numpy()
+    probabilities = mean.loc[[s.source for s in samples], classes].to_numpy()
     result = recipe.score_split(prepared.dataset, samples, probabilities, spec, "ensemble_test", config.evaluate, None)
-    print(f"== {spec.name} ensemble of {len(frames)} fold models on test ({len(samples)} images): accuracy "
+    print(f"== {spec.name} ensemble of {len(fold_predictions)} fold models on test ({len(samples)} images): accuracy "
           f"{result['accuracy']:.4f}, macro_f1 {result['macro_f1']:.4f}", flush=True)
     mlflow.log_text(recipe.predictions_frame(prepared.dataset, samples, probabilities).to_csv(index=False),
                     "predictions_ensemble_test.csv")
