@@ -242,6 +242,7 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
                            "group_duplicates": config.data.group_duplicates,
                            "n_images": sum(len(folds[n - 1].parts["val"]) for n in numbers)})
         mlflow.log_text(config.to_toml(), "config.toml")
+        recipe.log_excluded(first)
         summary = {}
         for split in ("val", "test", "probe_val", "probe_test", "tta_val", "tta_test", "member_val"):
             per_fold = (member_scores if split == "member_val" else

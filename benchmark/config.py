@@ -32,12 +32,18 @@ class DataConfig:
     # val/test image that copies a training image is not scored.
     group_duplicates: bool = True
     duplicate_distance: int = 12  # near duplicate: 256-bit perceptual hashes at most this many bits apart
+    # Images with an exact or near copy in any of these data sets are left out of this one before it
+    # is split: a model trained here (to start another set's runs from) has then seen none of that
+    # set's images. exclude_distance is generous on purpose (the nearest non-copy of a yes/no image in
+    # the 4-class set is typically 70-90 bits away).
+    exclude_copies_of: list[str] = field(default_factory=list)
+    exclude_distance: int = 32
 
 
 @dataclass
 class ModelConfig:
     backbones: list[str] = field(default_factory=lambda: ["vgg16", "resnet50", "efficientnetb0"])
-    weights: str = "imagenet"  # imagenet | none | hed (vgg16) | path to a weights file
+    weights: str = "imagenet"  # imagenet | none | hed (vgg16) | path to a weights file | run:<MLflow run id>
     # Tried in order, with a loud warning, when `weights` can't be had, e.g. "imagenet,none"
     weights_fallback: str = ""
     input_size: int = 0  # 0: each backbone's default
@@ -237,6 +243,7 @@ RULES: dict[str, tuple] = {
     "train.epochs2": (_at_least(0), ">= 0"),
     "train.unfreeze": (_at_least(0), ">= 0 layer groups"),
     "train.patience": (_at_least(1), ">= 1"),
+    "data.exclude_distance": (_at_least(0), ">= 0 bits"),
     "train.lr_factor": (lambda v: 0 < v < 1, "between 0 and 1, exclusive"),
     "train.lr_patience": (_at_least(1), ">= 1"),
     "train.min_lr": (_at_least(0), ">= 0"),

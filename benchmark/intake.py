@@ -4,6 +4,7 @@ Everything else reads data through `load_dataset`. The user's data folder is onl
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -394,6 +395,12 @@ def load_dataset(path: str | Path, class_names: list[str] | None = None, skip_ba
         return _read_npz(path, class_names or [])
     root, splits = find_root(path)
     return _read_folders(root, splits, class_names or [], skip_bad)
+
+
+def without(dataset: Dataset, sources: set[str]) -> Dataset:
+    """The data set less the images named in `sources` (every split); the files are untouched."""
+    return dataclasses.replace(dataset, splits={name: [s for s in samples if s.source not in sources]
+                                                for name, samples in dataset.splits.items()})
 
 
 def _group_of(samples: list[Sample], groups: dict[str, int] | None) -> list:

@@ -36,6 +36,7 @@ class Prepared:
     name: str  # experiment and results folder name
     path: str
     groups: dict[str, int] | None = None  # source -> duplicate group (data.group_duplicates)
+    excluded: pd.DataFrame | None = None  # images left out as copies of data.exclude_copies_of (audit.copies_in)
 
 
 def data_path(config) -> Path:
@@ -60,14 +61,71 @@ def prepare_data(config) -> Prepared:
     path = data_path(config)
     dataset = intake.load_dataset(path, data.class_names, data.skip_bad)
     name = dataset_name(config)
+    excluded = _copies_of_other_sets(dataset, data) if data.exclude_copies_of else None
+    if excluded is not None:
+        dataset = intake.without(dataset, set(excluded["source"]))
     groups = audit.duplicate_groups(dataset, data.duplicate_distance) if data.group_duplicates else None
-    return Prepared(dataset, intake.split(dataset, data.val_fraction, config.seed, groups), name, str(path), groups)
+    return Prepared(dataset, intake.split(dataset, data.val_fraction, config.seed, groups), name, str(path), groups,
+                    excluded)
+
+
+def _copies_of_other_sets(dataset: intake.Dataset, data) -> pd.DataFrame:
+    """Every image of `dataset` within data.exclude_distance bits of an image of a data set in
+    data.exclude_copies_of (one row each, the closest copy; `other_data` names its set)."""
+    found = []
+    for other_path in data.exclude_copies_of:
+        other = intake.load_dataset(other_path, skip_bad=data.skip_bad)
+        found.append(audit.copies_in(dataset, other, data.exclude_distance).assign(other_data=str(other.root)))
+    copies = pd.concat(found, ignore_index=True).drop_duplicates("source")
+    print(f"== {len(copies)} image(s) of {dataset.name} left out: an exact or near copy (at most "
+          f"{data.exclude_distance} bits apart) in {', '.join(data.exclude_copies_of)}", flush=True)
+    return copies
 
 
 def fold_data(config, prepared: Prepared) -> list[Prepared]:
     """One Prepared per cross-validation fold (data.folds), the same folds for every backbone."""
     parts = intake.folds(prepared.dataset, config.data.folds, config.seed, prepared.groups)
     return [dataclasses.replace(prepared, parts=fold) for fold in parts]
+
+
+RUN_WEIGHTS = "run:"  # weights = "run:<MLflow run id>": the base of the model that run trained
+
+
+def base_weights_of_run(run_id: str, backbone: str) -> str:
+    """The base (backbone without head) of the model MLflow run `run_id` trained, as a weights file
+    for `backbone`, exported once into the Keras cache: fine-tuning that starts where another data
+    set's training ended (e.g. a brain-MRI backbone for a smaller brain-MRI set)."""
+    target = backbones.weights.keras_cache_dir() / f"tumorbench-run-{run_id}-{backbone}-base.weights.h5"
+    if not target.is_file():
+        client = mlflow.tracking.MlflowClient()
+        where = f"weights {RUN_WEIGHTS}{run_id} ({client.tracking_uri})"
+        try:
+            client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            raise backbones.WeightsUnavailable(f"{where}: no such run in this tracking store") from None
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = Path(client.download_artifacts(run_id, "model/model.keras", tmp))
+            except (mlflow.exceptions.MlflowException, OSError):
+                raise backbones.WeightsUnavailable(
+                    f"{where}: the run has no model/model.keras (a cross-validation parent keeps its models "
+                    f"in its fold runs: name one of those)") from None
+            model, description = modelfile.load(path)
+            if description["backbone"] != backbone:
+                raise backbones.WeightsUnavailable(f"{where}: that run trained {description['backbone']}, "
+                                                   f"not {backbone}")
+            [base] = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f"{target.name}.partial.weights.h5")
+            base.save_weights(partial)
+            partial.replace(target)
+    return str(target)
+
+
+def _backbone_weights(spec, weights: str) -> str:
+    """What the registry loads for `weights`: for run:<id> the file holding that run's base."""
+    return base_weights_of_run(weights.removeprefix(RUN_WEIGHTS), spec.name) if weights.startswith(
+        RUN_WEIGHTS) else weights
 
 
 def resolve_weights(config) -> dict[str, str]:
@@ -84,7 +142,7 @@ def resolve_weights(config) -> dict[str, str]:
         errors = []
         for weights in candidates:
             try:
-                backbones.weights.check(spec, weights)
+                backbones.weights.check(spec, _backbone_weights(spec, weights))
             except backbones.WeightsUnavailable as err:
                 errors.append(err)
                 continue
@@ -131,9 +189,17 @@ def _log_params(config, prepared: Prepared, spec, size: int, weights_used: str, 
         "duplicate_distance": config.data.duplicate_distance, "recipe_version": RECIPE_VERSION,
     })
     mlflow.log_text(config.to_toml(), "config.toml")
+    log_excluded(prepared)
     tracking.log_dataset_inputs(prepared.name, prepared.path, {
         split: (f"{dataset.fingerprint}-{intake.samples_hash(samples)[:8]}", len(samples))
         for split, samples in prepared.parts.items()})
+
+
+def log_excluded(prepared: Prepared) -> None:
+    """How many images data.exclude_copies_of left out, and which (excluded_copies.csv)."""
+    if prepared.excluded is not None:
+        mlflow.log_param("excluded_copies", len(prepared.excluded))
+        mlflow.log_text(prepared.excluded.to_csv(index=False), "excluded_copies.csv")
 
 
 def _predict(model, dataset, samples, spec, size, batch_size) -> np.ndarray:
@@ -361,7 +427,9 @@ def build(config, prepared: Prepared, name: str, weights: str, member: int = 0) 
     seed = training_seed(config, member)
     keras.utils.set_random_seed(seed)
     set_precision(config.train)
-    base, weights_used = backbones.build_base(spec, size, weights)
+    base, weights_used = backbones.build_base(spec, size, _backbone_weights(spec, weights))
+    if weights.startswith(RUN_WEIGHTS):
+        weights_used = weights  # the run, not the cache file's name, says where the weights came from
     if weights_used == "none":
         set_batchnorm_momentum(base, SCRATCH_BATCHNORM_MOMENTUM)
     loaded = None

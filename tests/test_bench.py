@@ -772,3 +772,67 @@ def test_label_review_lists_every_out_of_fold_error_most_confident_first(tmp_pat
     assert list(review["fold"]) == [2, 1, 3]
     assert list(review["predicted"]) == [dataset.class_names[1 - labels[i]] for i in (2, 1, 4)]
     assert "label_review_oof.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_images_copied_in_another_set_are_left_out_before_the_split(tmp_path):
+    """data.exclude_copies_of: an image whose copy (the same bytes, or a near copy) is in the other
+    set is in no split of this one; the run logs how many and which, with the other set's file."""
+    import shutil
+
+    from conftest import write_image
+
+    mine = image_folder(tmp_path / "mine", per_class=6, size=(40, 40))
+    other = tmp_path / "other"
+    shutil.copy(mine / "no" / "img 1.png", (other / "healthy").mkdir(parents=True) or other / "healthy" / "a.png")
+    Image = pytest.importorskip("PIL.Image")
+    near = np.asarray(Image.open(mine / "yes" / "img 2.png").convert("L")).astype(int)
+    near[0, 0] = 255 - near[0, 0]  # one pixel changed: another file, the same picture
+    (other / "tumour").mkdir()
+    Image.fromarray(near.astype(np.uint8)).save(other / "tumour" / "b.png")
+    write_image(other / "tumour" / "unrelated.png", "L", (40, 40), seed=999)
+    config = tiny_config(tmp_path, f'data.path="{mine}"', 'model.backbones=["vgg16"]',
+                         f'data.exclude_copies_of=["{other}"]', "train.epochs2=0")
+    prepared = recipe.prepare_data(config)
+    kept = {s.source for part in prepared.parts.values() for s in part}
+    assert sorted(prepared.excluded["source"]) == ["no/img 1.png", "yes/img 2.png"]
+    assert sorted(prepared.excluded["other_source"]) == ["healthy/a.png", "tumour/b.png"]
+    assert kept == {f"{c}/img {i}.png" for c in ("no", "yes") for i in range(6)} - {"no/img 1.png", "yes/img 2.png"}
+    assert (mine / "no" / "img 1.png").is_file()  # left out of the runs, not touched on disk
+
+    table, _, _ = bench.run(config)
+    client = MlflowClient(tracking.tracking_uri(config.tracking))
+    run = client.get_run(table.loc[0, "run_id"])
+    assert run.data.params["excluded_copies"] == "2"
+    logged = _artifact_frame(client, run.info.run_id, "excluded_copies.csv", tmp_path / "logged")
+    assert sorted(logged["source"]) == ["no/img 1.png", "yes/img 2.png"]
+    assert set(logged["other_data"]) == {str(other.resolve())}
+
+
+def test_weights_from_a_run_start_the_base_where_that_run_ended(tmp_path, monkeypatch):
+    """model.weights = "run:<id>": the base of the model that run trained (its head is not taken),
+    recorded as run:<id>; a run without a model of that backbone is refused by name before training."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    source_config = tiny_config(tmp_path, 'model.backbones=["efficientnetb0"]', "train.unfreeze=9")
+    table, _, _ = bench.run(source_config)
+    source_id = table.loc[0, "run_id"]
+    client = MlflowClient(tracking.tracking_uri(source_config.tracking))
+    trained, _ = recipe.modelfile.load(Path(client.download_artifacts(source_id, "model/model.keras", str(tmp_path / "m"))))
+    [trained_base] = [layer for layer in trained.layers if isinstance(layer, keras.Model)]
+
+    binary = tiny_config(tmp_path, 'data.phantom_mode="binary"', 'model.backbones=["efficientnetb0"]',
+                         f'model.weights="run:{source_id}"')
+    assert recipe.resolve_weights(binary) == {"efficientnetb0": f"run:{source_id}"}
+    built = recipe.build(binary, recipe.prepare_data(binary), "efficientnetb0", f"run:{source_id}")
+    assert built.weights_used == f"run:{source_id}" and not built.from_scratch
+    started, ended = built.base.get_weights(), trained_base.get_weights()
+    assert len(started) == len(ended) and all(np.array_equal(a, b) for a, b in zip(started, ended))
+    assert built.model.output_shape == (None, 1)  # the new set's head: 2 classes, not the source's 4
+    fresh = recipe.build(binary, recipe.prepare_data(binary), "efficientnetb0", "none").base.get_weights()
+    assert not all(np.array_equal(a, b) for a, b in zip(started, fresh))  # the same seed's initial weights differ
+
+    modelless = client.create_run(client.get_run(source_id).info.experiment_id).info.run_id  # e.g. a CV parent
+    for weights, why in ((f"run:{source_id}", "that run trained efficientnetb0, not vgg16"),
+                         ("run:0123456789abcdef", "no such run"), (f"run:{modelless}", "has no model/model.keras")):
+        wrong = tiny_config(tmp_path, 'model.backbones=["vgg16"]', f'model.weights="{weights}"')
+        with pytest.raises(backbones.WeightsUnavailable, match=why):
+            recipe.resolve_weights(wrong)
