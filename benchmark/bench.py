@@ -13,7 +13,7 @@ import pandas as pd
 
 import backbones
 
-from . import intake, metrics, mlflow_model, modelfile, pipeline, plots, recipe, report, stats, tracking
+from . import audit, intake, metrics, mlflow_model, modelfile, pipeline, plots, recipe, report, stats, tracking
 from .config import fold_recipe
 from .trainer import TrainingFailed
 
@@ -157,20 +157,47 @@ def _score_ensemble_on_test(config, prepared: recipe.Prepared, spec, fold_predic
                     "predictions_ensemble_test.csv")
 
 
-def _score_out_of_fold(config, first: recipe.Prepared, spec, fold_predictions: list[dict], numbers: list[int]) -> None:
+def _nearest_training_bits(scored: list[recipe.Prepared]) -> dict[str, int]:
+    """Each validation image's perceptual-hash distance (bits of 256) to the nearest image its fold
+    trained on. Duplicate grouping keeps copies within data.duplicate_distance out of training, but
+    sharpened, contrast-changed or cropped copies and neighbouring slices lie further apart."""
+    dataset = scored[0].dataset
+    pool = sorted({s for fold in scored for part in ("train", "val") for s in fold.parts[part]}, key=lambda s: s.source)
+    row = {s.source: i for i, s in enumerate(pool)}
+    hashes = audit.perceptual_hashes(dataset, pool)
+    nearest = {}
+    for fold in scored:
+        trained = hashes[[row[s.source] for s in fold.parts["train"]]]
+        for sample in fold.parts["val"]:
+            nearest[sample.source] = int(audit.hamming(hashes[row[sample.source]][None], trained).min())
+    return nearest
+
+
+def _score_out_of_fold(config, scored: list[recipe.Prepared], spec, fold_predictions: list[dict],
+                       numbers: list[int]) -> None:
     """Every image scored once, by the fold model that held it out: oof_* (and tta_oof_*, with the
-    test-time views, when every fold has them), with predictions_oof.csv for the paired tests."""
+    test-time views, when every fold has them), with predictions_oof.csv for the paired tests. Also
+    far_oof_*: the images with no training image within evaluate.far_distance bits, i.e. unlike
+    anything their model saw (nearest_train_bits in predictions_oof.csv)."""
+    dataset = scored[0].dataset
+    nearest = _nearest_training_bits(scored)
     for split, name in (("val", "oof"), ("tta_val", "tta_oof")):
         if not all(split in predictions for predictions in fold_predictions):
             continue
         out_of_fold = pd.concat([predictions[split].assign(fold=number)
                                  for number, predictions in zip(numbers, fold_predictions)], ignore_index=True)
+        out_of_fold["nearest_train_bits"] = out_of_fold["source"].map(nearest)
         mlflow.log_text(out_of_fold.to_csv(index=False), f"predictions_{name}.csv")
-        probabilities = out_of_fold[recipe.probability_columns(first.dataset.class_names)].to_numpy()
+        probabilities = out_of_fold[recipe.probability_columns(dataset.class_names)].to_numpy()
         samples = [intake.Sample(source, int(label)) for source, label in zip(out_of_fold.source, out_of_fold.label)]
-        recipe.score_split(first.dataset, samples, probabilities, spec, name, config.evaluate, None)
+        recipe.score_split(dataset, samples, probabilities, spec, name, config.evaluate, None)
         if name == "oof":
-            _log_label_review(first.dataset, samples, probabilities, out_of_fold["fold"].to_numpy(), spec.name)
+            _log_label_review(dataset, samples, probabilities, out_of_fold["fold"].to_numpy(), spec.name)
+            far = np.flatnonzero(out_of_fold["nearest_train_bits"].to_numpy() > config.evaluate.far_distance)
+            mlflow.log_metric("far_oof_images", len(far))
+            if len(far):
+                recipe.score_split(dataset, [samples[i] for i in far], probabilities[far], spec, "far_oof",
+                                   config.evaluate, None)
 
 
 def _log_label_review(dataset: intake.Dataset, samples: list[intake.Sample], probabilities: np.ndarray,
@@ -255,7 +282,8 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
         costs = {key: float(np.nanmean([outcome["costs"].get(key, np.nan) for outcome in outcomes]))
                  for key in outcomes[0]["costs"]}
         mlflow.log_metrics({**costs, "train_seconds": float(sum(outcome["seconds"] for outcome in outcomes))})
-        _score_out_of_fold(config, first, spec, [outcome["predictions"] for outcome in outcomes], numbers)
+        _score_out_of_fold(config, [folds[n - 1] for n in numbers], spec, [outcome["predictions"] for outcome in outcomes],
+                           numbers)
         if first.parts.get("test"):
             _score_ensemble_on_test(config, first, spec, [outcome["predictions"]["test"] for outcome in outcomes])
         if config.tracking.log_model:

@@ -33,11 +33,12 @@ class DataConfig:
     group_duplicates: bool = True
     duplicate_distance: int = 12  # near duplicate: 256-bit perceptual hashes at most this many bits apart
     # Images with an exact or near copy in any of these data sets are left out of this one before it
-    # is split: a model trained here (to start another set's runs from) has then seen none of that
-    # set's images. exclude_distance is generous on purpose (the nearest non-copy of a yes/no image in
-    # the 4-class set is typically 70-90 bits away).
+    # is split, so a model trained here (to start another set's runs from) has seen as few of that
+    # set's images as hashes can find. exclude_distance is far above duplicate_distance on purpose:
+    # sharpened, contrast-changed or cropped copies between the yes/no and 4-class sets were seen by
+    # eye up to 64 bits apart (one likely at 82), while the median nearest image is 82 bits away.
     exclude_copies_of: list[str] = field(default_factory=list)
-    exclude_distance: int = 32
+    exclude_distance: int = 80
 
 
 @dataclass
@@ -114,6 +115,9 @@ class EvaluateConfig:
     tta: bool = True
     calibration_bins: int = 10  # equal-width confidence bins for ECE and the reliability diagram
     bootstrap_resamples: int = 2000  # paired bootstrap for the backbone-vs-backbone table
+    # Cross-validation also scores (far_oof_*) the out-of-fold images with no training image within
+    # this many bits (256-bit perceptual hash): nearer ones are often processed copies of one slice.
+    far_distance: int = 64
 
 
 @dataclass
@@ -259,6 +263,7 @@ RULES: dict[str, tuple] = {
     "evaluate.target_sensitivity": (lambda v: 0 <= v < 1, "0 (off) or a sensitivity below 1"),
     "evaluate.calibration_bins": (_at_least(2), ">= 2"),
     "evaluate.bootstrap_resamples": (_at_least(100), ">= 100"),
+    "evaluate.far_distance": (_at_least(0), ">= 0 bits"),
     "sweep.trials": (_at_least(1), ">= 1"),
     "sweep.pruner": _one_of("median", "hyperband", "none"),
     "sweep.heartbeat_seconds": (_at_least(1), ">= 1"),
@@ -317,7 +322,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 # not what one backbone's fold computes: left out when a saved fold run's config is matched against
 # this one for reuse.
 NOT_FOLD_RECIPE = (("data", "only_folds"), ("model", "backbones"), ("train", "members"),
-                   ("tracking", "uri"), ("tracking", "results_dir"))
+                   ("evaluate", "far_distance"), ("tracking", "uri"), ("tracking", "results_dir"))
 
 
 def fold_recipe(toml_text: str) -> dict | None:

@@ -99,6 +99,9 @@ def comparison_table(runs: list, source: str = "bench") -> pd.DataFrame:
         _add_probe(row, m, source)
         _add_scored_as(row, m, source, "tta")
         _add_scored_as(row, m, source, "member")
+        if "far_oof_images" in m:  # out of fold, the images unlike anything their fold trained on
+            row.update({"far_oof_accuracy": m.get("far_oof_accuracy", np.nan),
+                        "far_oof_macro_f1": m.get("far_oof_macro_f1", np.nan), "far_oof_images": int(m["far_oof_images"])})
         row.update({
             "trainable_params": int(m.get("trainable_params", 0)),
             "total_params": int(m.get("total_params", 0)),
@@ -217,7 +220,11 @@ def markdown(table: pd.DataFrame, title: str, pairs: pd.DataFrame | None = None,
         lines += ["Cross-validated: mean over folds [95% CI, Student t]; folds are stratified and keep "
                   "duplicate groups whole, the same folds for every backbone. Per-class figures: comparison.csv. "
                   "ensemble_test_*: the test split (in no fold) scored once by the fold models together, "
-                  "probabilities averaged, as `predict <parent run id>` does.", ""]
+                  "probabilities averaged, as `predict <parent run id>` does. far_oof_*: out of fold, only the "
+                  "far_oof_images images with no image their fold trained on within evaluate.far_distance bits of "
+                  "perceptual hash (nearer ones are often sharpened, contrast-changed or cropped copies of one "
+                  "slice, which duplicate grouping does not catch): the figure for images unlike the training set.",
+                  ""]
     per_class = tuple(f"_{name}" for name in _class_names(table)) if source == "cv" else ()
     lines += _markdown_table(table, per_class)
     if pairs is not None and not pairs.empty:

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, roc_auc_score
 
 import backbones
-from benchmark import bench, cli, intake, metrics, pipeline, probe, recipe, tracking
+from benchmark import audit, bench, cli, intake, metrics, pipeline, probe, recipe, tracking
 from benchmark.config import load_config
 from benchmark.model import adapt_batchnorm, build_classifier
 from benchmark.trainer import TrainingFailed, train_two_phase
@@ -570,7 +570,9 @@ def test_test_split_is_scored_with_what_validation_chose(tmp_path):
 
 def test_cross_validation_scores_the_fold_ensemble_on_the_test_split(tmp_path):
     """Every fold model scores the test split (in no fold); the parent scores their averaged
-    probabilities once (ensemble_test_*), and a rerun that reuses every fold gives the same figures."""
+    probabilities once (ensemble_test_*), and a rerun that reuses every fold gives the same figures.
+    Out of fold, each image's distance to the nearest image its fold trained on, and far_oof_* for
+    the images further than evaluate.far_distance."""
     from sklearn.metrics import accuracy_score, f1_score, log_loss
 
     root = _binary_set_with_test_split(tmp_path / "data", n_train=9, n_test=6)
@@ -609,8 +611,25 @@ def test_cross_validation_scores_the_fold_ensemble_on_the_test_split(tmp_path):
     right = flipped[["prob_no", "prob_yes"]].to_numpy().argmax(1) == flipped["label"]
     assert logged["tta_oof_accuracy"] == pytest.approx(right.mean())
 
-    again, _, _ = bench.run(config)  # every fold reused: their test and flip predictions come from MLflow
+    # How near each held-out image came to what its fold trained on, from hashes computed here.
+    out_of_fold = _artifact_frame(client, parent.info.run_id, "predictions_oof.csv", tmp_path / "oof-plain")
+    hashed = {source: audit.perceptual_hash(intake.load_rgb(root / source)) for source in out_of_fold["source"]}
+    for row in out_of_fold.itertuples():
+        trained = [hashed[other] for other, fold in zip(out_of_fold.source, out_of_fold.fold) if fold != row.fold]
+        assert row.nearest_train_bits == audit.hamming(hashed[row.source][None], np.stack(trained)).min()
+    assert logged["far_oof_images"] == (out_of_fold["nearest_train_bits"] > 64).sum()
+
+    far_distance = int(out_of_fold["nearest_train_bits"].median())
+    cv = [f'data.path="{root}"', 'model.backbones=["vgg16"]', "data.folds=3"]
+    # every fold reused (the scoring distance is not part of a fold's recipe): from MLflow
+    again, _, _ = bench.run(tiny_config(tmp_path, *cv, f"evaluate.far_distance={far_distance}"))
     rerun = client.get_run(again.loc[0, "run_id"]).data.metrics
+    far = out_of_fold[out_of_fold["nearest_train_bits"] > far_distance]
+    assert 0 < len(far) < len(out_of_fold) and rerun["far_oof_images"] == len(far)
+    assert rerun["far_oof_accuracy"] == pytest.approx(
+        (far[["prob_no", "prob_yes"]].to_numpy().argmax(1) == far["label"]).mean())
+    assert again.loc[0, "far_oof_accuracy"] == pytest.approx(rerun["far_oof_accuracy"])
+    assert again.loc[0, "far_oof_images"] == len(far)
     assert again.loc[0, "run_id"] != parent.info.run_id
     for key in ("ensemble_test_accuracy", "ensemble_test_loss", "test_accuracy_mean", "tta_val_accuracy_mean",
                 "tta_test_macro_f1_mean", "tta_oof_accuracy"):

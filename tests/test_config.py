@@ -113,7 +113,7 @@ def test_fold_reuse_compares_configs_with_defaults_filled_in():
     more = load_config(None, ["data.folds=5", "train.lr2=2e-4", "train.members=3"])  # member 1 of 3 is this fold
     assert fold_recipe(more.to_toml()) == fold_recipe(config.to_toml())
     elsewhere = load_config(None, ["data.folds=5", "train.lr2=2e-4", 'tracking.uri="sqlite:////else/mlflow.db"',
-                                   'tracking.results_dir="/else"'])  # where results go, not what a fold computes
+                                   'tracking.results_dir="/else"', "evaluate.far_distance=40"])  # the parent's scoring
     assert fold_recipe(elsewhere.to_toml()) == fold_recipe(config.to_toml())
     assert fold_recipe(load_config(None, ["data.folds=5", "train.lr2=3e-4"]).to_toml()) != fold_recipe(config.to_toml())
     saved["train"]["retired_setting"] = 1
