@@ -124,8 +124,9 @@ def base_weights_of_run(run_id: str, backbone: str) -> str:
 
 def _backbone_weights(spec, weights: str) -> str:
     """What the registry loads for `weights`: for run:<id> the file holding that run's base."""
-    return base_weights_of_run(weights.removeprefix(RUN_WEIGHTS), spec.name) if weights.startswith(
-        RUN_WEIGHTS) else weights
+    if weights.startswith(RUN_WEIGHTS):
+        return base_weights_of_run(weights.removeprefix(RUN_WEIGHTS), spec.name)
+    return weights
 
 
 def resolve_weights(config) -> dict[str, str]:

@@ -64,6 +64,8 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     ("data.val_fraction=1.0", "data.val_fraction = 1.0 is not allowed: between 0 and 1"),
     ("data.val_fraction=0", "data.val_fraction = 0.0 is not allowed"),
     ("data.folds=1", "data.folds = 1 is not allowed: 0 (no cross-validation) or >= 2"),
+    ("data.exclude_distance=300", "data.exclude_distance = 300 is not allowed: 0..256 bits"),
+    ("evaluate.far_distance=-1", "evaluate.far_distance = -1 is not allowed: 0..256 bits"),
     ("data.only_folds=[2]", "data.only_folds = [2] is not allowed: distinct fold numbers 1..data.folds (0)"),
     ("model.dropout=1.0", "model.dropout = 1.0 is not allowed"),
     ("train.schedule2=\"linear\"", "train.schedule2 = 'linear' is not allowed: one of 'plateau', 'cosine'"),
