@@ -31,7 +31,10 @@ def describe(spec, class_names, input_size: int, weights: str, fingerprint: str,
 
 
 def save(model: keras.Model, path: Path, description: dict) -> Path:
-    model.save(path)
+    """Weights and architecture only: an uncompiled twin over the same layers is saved, because the
+    optimizer's moments (up to twice the trainable weights) are never read back (`load` does not
+    compile) and would double every model file in the MLflow store."""
+    keras.Model(model.inputs, model.outputs, name=model.name).save(path)
     with zipfile.ZipFile(path, "a") as archive:
         archive.writestr(METADATA_NAME, json.dumps(description, indent=1))
     return path

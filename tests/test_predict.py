@@ -43,6 +43,29 @@ def test_description_round_trips_and_predictions_equal_the_in_memory_model(tmp_p
     assert sum(r["predicted"] == "yes" for r in thresholded) == int((expected >= np.median(expected)).sum())
 
 
+def test_a_trained_model_is_saved_without_its_optimizer_state(tmp_path):
+    """The Adam moments would double the file and are never read back: the file keeps only the
+    model's weights, and they load back equal to the trained ones."""
+    import h5py
+    import zipfile
+
+    from benchmark import trainer
+
+    model, _ = saved_model(tmp_path)
+    trainer.compile_model(model, 2, keras.optimizers.Adam(1e-3), "off")
+    model.fit(np.random.default_rng(0).uniform(0, 255, (4, SIZE, SIZE, 3)), np.array([0, 1, 0, 1]), verbose=0)
+    assert model.optimizer.variables and any(np.any(v.numpy()) for v in model.optimizer.variables[2:])
+    path = modelfile.save(model, tmp_path / "trained.keras", {"backbone": "vgg16", "plugins": []})
+    with zipfile.ZipFile(path) as archive, h5py.File(archive.open("model.weights.h5")) as weights:
+        stored = []
+        weights.visititems(lambda name, item: stored.append(name) if isinstance(item, h5py.Dataset) else None)
+    assert stored and not [name for name in stored if name.startswith("optimizer")]
+    assert len(stored) == len(model.weights)
+    loaded, _ = modelfile.load(path)
+    for trained, back in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(trained.numpy(), back.numpy())
+
+
 def test_mixed_folder_gives_rows_and_per_file_errors(tmp_path):
     _, path = saved_model(tmp_path)
     folder = tmp_path / "scans"
