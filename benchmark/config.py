@@ -60,6 +60,11 @@ class AugmentConfig:
     shear: float = 0.1
     zoom: float = 0.1
     horizontal_flip: bool = True
+    # Intensity: scanners and the copies spread between public sets differ in contrast, brightness and
+    # sharpening, which the geometric ones above leave alone. 0 is off (the committed recipes).
+    contrast: float = 0.0  # contrast scaled by a factor in [1 - c, 1 + c]
+    brightness: float = 0.0  # brightness shifted by up to +-b of the 0..255 range
+    sharpness: float = 0.0  # from blurred by s to sharpened by s (0.5: half blurred .. 1.5x sharpened)
 
 
 @dataclass
@@ -241,6 +246,9 @@ RULES: dict[str, tuple] = {
     "augment.shift": (lambda v: 0 <= v < 1, "0 <= shift < 1"),
     "augment.shear": (lambda v: 0 <= v < 1, "0 <= shear < 1"),
     "augment.zoom": (lambda v: 0 <= v < 1, "0 <= zoom < 1"),
+    "augment.contrast": (lambda v: 0 <= v < 1, "0 <= contrast < 1"),
+    "augment.brightness": (lambda v: 0 <= v < 1, "0 <= brightness < 1"),
+    "augment.sharpness": (lambda v: 0 <= v <= 1, "0 <= sharpness <= 1"),
     "train.batch_size": (_positive, "> 0"),
     "train.lr1": (_positive, "> 0"),
     "train.lr2": (_positive, "> 0"),

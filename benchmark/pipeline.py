@@ -21,7 +21,8 @@ def resize(pixels: np.ndarray, size: int) -> np.ndarray:
 
 
 def augmenter(augment, seed: int) -> keras.Sequential | None:
-    """The seeds' ImageDataGenerator recipe as Keras 3 preprocessing layers (None when off)."""
+    """The seeds' ImageDataGenerator recipe, and optional intensity changes, as Keras 3 preprocessing
+    layers (None when off)."""
     if not augment.enabled:
         return None
     layers = []
@@ -35,6 +36,13 @@ def augmenter(augment, seed: int) -> keras.Sequential | None:
         layers.append(keras.layers.RandomShear(augment.shear, augment.shear, fill_mode="nearest", seed=seed + 3))
     if augment.zoom:
         layers.append(keras.layers.RandomZoom(augment.zoom, augment.zoom, fill_mode="nearest", seed=seed + 4))
+    if augment.contrast:
+        layers.append(keras.layers.RandomContrast(augment.contrast, value_range=(0, 255), seed=seed + 5))
+    if augment.brightness:
+        layers.append(keras.layers.RandomBrightness(augment.brightness, value_range=(0, 255), seed=seed + 6))
+    if augment.sharpness:  # Keras' factor: 0 blurred, 0.5 unchanged, 1 sharpened twice as much
+        half = augment.sharpness / 2
+        layers.append(keras.layers.RandomSharpness((0.5 - half, 0.5 + half), value_range=(0, 255), seed=seed + 7))
     return keras.Sequential(layers, name="augmentation") if layers else None
 
 

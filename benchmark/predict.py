@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,16 +20,6 @@ from . import gradcam, intake, mlflow_model, modelfile, pipeline, report, tracki
 from .phantoms import cache_root
 
 CHUNK = 256
-
-
-def _downloaded(client, run_id: str) -> Path:
-    local = cache_root() / "models" / run_id / "model.keras"
-    if not local.is_file():
-        with tempfile.TemporaryDirectory() as download:
-            fetched = client.download_artifacts(run_id, "model/model.keras", download)
-            local.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(fetched, local)
-    return local
 
 
 def _fold_runs(client, parent) -> list:
@@ -83,8 +72,8 @@ def resolve_models(reference: str, tracking_config) -> list[Path]:
         folds = _fold_runs(client, run)
         if not folds:
             raise LookupError(f"cross-validated run {run.info.run_id} has no finished fold runs")
-        return [_downloaded(client, fold.info.run_id) for fold in folds]
-    return [_downloaded(client, run.info.run_id)]
+        return [tracking.run_model_file(client, fold.info.run_id) for fold in folds]
+    return [tracking.run_model_file(client, run.info.run_id)]
 
 
 def image_files(paths: list[str]) -> list[Path]:

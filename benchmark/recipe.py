@@ -103,22 +103,21 @@ def base_weights_of_run(run_id: str, backbone: str) -> str:
             client.get_run(run_id)
         except mlflow.exceptions.MlflowException:
             raise backbones.WeightsUnavailable(f"{where}: no such run in this tracking store") from None
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                path = Path(client.download_artifacts(run_id, "model/model.keras", tmp))
-            except (mlflow.exceptions.MlflowException, OSError):
-                raise backbones.WeightsUnavailable(
-                    f"{where}: the run has no model/model.keras (a cross-validation parent keeps its models "
-                    f"in its fold runs: name one of those)") from None
-            model, description = modelfile.load(path)
-            if description["backbone"] != backbone:
-                raise backbones.WeightsUnavailable(f"{where}: that run trained {description['backbone']}, "
-                                                   f"not {backbone}")
-            [base] = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f"{target.name}.partial.weights.h5")
-            base.save_weights(partial)
-            partial.replace(target)
+        try:
+            path = tracking.run_model_file(client, run_id)
+        except (mlflow.exceptions.MlflowException, OSError):
+            raise backbones.WeightsUnavailable(
+                f"{where}: the run has no model/model.keras (a cross-validation parent keeps its models "
+                f"in its fold runs: name one of those)") from None
+        model, description = modelfile.load(path)
+        if description["backbone"] != backbone:
+            raise backbones.WeightsUnavailable(f"{where}: that run trained {description['backbone']}, "
+                                               f"not {backbone}")
+        [base] = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.partial.weights.h5")
+        base.save_weights(partial)
+        partial.replace(target)
     return str(target)
 
 
@@ -162,8 +161,10 @@ def resolve_weights(config) -> dict[str, str]:
 def _augment_summary(augment) -> str:
     if not augment.enabled:
         return "off"
+    intensity = "".join(f" {name}={getattr(augment, name)}" for name in ("contrast", "brightness", "sharpness")
+                        if getattr(augment, name))
     return (f"rotation={augment.rotation_degrees}deg shift={augment.shift} shear={augment.shear} "
-            f"zoom={augment.zoom} hflip={augment.horizontal_flip}")
+            f"zoom={augment.zoom} hflip={augment.horizontal_flip}{intensity}")
 
 
 # What a run computes from a given config changes with the code now and then (2: the probe is fitted

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 import urllib.request
 import warnings
@@ -200,3 +202,18 @@ def register_champion(client: MlflowClient, data_set: str, run, score_key: str) 
     label = f"{name} v{version.version}"
     client.set_tag(run.info.run_id, REGISTERED_TAG, label)
     return label
+
+
+def run_model_file(client: MlflowClient, run_id: str) -> Path:
+    """Run `run_id`'s model/model.keras, downloaded once into the tumorbench cache (a run's artifacts
+    never change), for `predict` and for `run:<id>` weights alike; MlflowException/OSError if absent."""
+    from .phantoms import cache_root
+
+    local = cache_root() / "models" / run_id / "model.keras"
+    if not local.is_file():
+        with tempfile.TemporaryDirectory() as download:
+            fetched = client.download_artifacts(run_id, "model/model.keras", download)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(fetched, local)
+    return local
+
