@@ -51,6 +51,12 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(a ^ b).sum(axis=-1, dtype=np.int32)
 
 
+def nearest_distances(queries: np.ndarray, references: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """Each query hash's distance in bits to its nearest reference hash (chunks bound the memory)."""
+    return np.concatenate([hamming(queries[start:start + chunk, None, :], references[None, :, :]).min(axis=1)
+                           for start in range(0, len(queries), chunk)])
+
+
 def near_pairs(hashes: np.ndarray, max_distance: int, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """(i, j) for every pair i < j whose hashes differ in at most `max_distance` bits."""
     found_i, found_j = [], []

@@ -167,9 +167,10 @@ def _nearest_training_bits(scored: list[recipe.Prepared]) -> dict[str, int]:
     hashes = audit.perceptual_hashes(dataset, pool)
     nearest = {}
     for fold in scored:
-        trained = hashes[[row[s.source] for s in fold.parts["train"]]]
-        for sample in fold.parts["val"]:
-            nearest[sample.source] = int(audit.hamming(hashes[row[sample.source]][None], trained).min())
+        held_out = [s.source for s in fold.parts["val"]]
+        bits = audit.nearest_distances(hashes[[row[source] for source in held_out]],
+                                       hashes[[row[s.source] for s in fold.parts["train"]]])
+        nearest.update(zip(held_out, map(int, bits)))
     return nearest
 
 
