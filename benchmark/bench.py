@@ -294,7 +294,7 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
               f"[{summary['val_accuracy_ci_low']:.4f}, {summary['val_accuracy_ci_high']:.4f}], val_macro_f1 "
               f"{summary['val_macro_f1_mean']:.4f} [{summary['val_macro_f1_ci_low']:.4f}, "
               f"{summary['val_macro_f1_ci_high']:.4f}] run={parent.info.run_id}", flush=True)
-        return summary
+        return {**summary, "run_id": parent.info.run_id}
 
 
 def run(config) -> tuple:
@@ -312,13 +312,12 @@ def run(config) -> tuple:
     layout = (f"{len(folds)} folds of about {len(folds[0].parts['val'])} images" if folds else counts)
     print(f"data set {prepared.name} ({prepared.path}): {len(prepared.dataset.class_names)} classes, {layout}; "
           f"fingerprint {prepared.dataset.fingerprint}; tracking {client.tracking_uri}", flush=True)
-    for name in config.model.backbones:
-        if folds:
-            run_cross_validated(config, folds, name, weights[name], experiment)
-        else:
-            run_backbone(config, prepared, name, weights[name], experiment)
+    made = [(run_cross_validated(config, folds, name, weights[name], experiment) if folds else
+             run_backbone(config, prepared, name, weights[name], experiment))["run_id"]
+            for name in config.model.backbones]
+    source = "cv" if folds else "bench"
     if config.tracking.log_model:
-        report.register_best(client, prepared.name, "cv" if folds else "bench")
-    table, paths = report.build(client, prepared.name, Path(config.tracking.results_dir),
-                                "cv" if folds else "bench", config.evaluate.bootstrap_resamples)
+        report.register_best(client, prepared.name, source, made)
+    table, paths = report.build(client, prepared.name, Path(config.tracking.results_dir), source,
+                                config.evaluate.bootstrap_resamples, made)
     return table, paths, prepared.name

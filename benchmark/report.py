@@ -29,9 +29,10 @@ def _trial_rank(run) -> tuple[float, int]:
     return score, -int(run.data.tags.get("tumorbench.trial", 0))
 
 
-def select_runs(client: MlflowClient, experiment_name: str, source: str = "bench") -> list:
-    """Per backbone: the newest finished `bench` (or cross-validated `cv`) run, or the best finished
-    `sweep` trial."""
+def select_runs(client: MlflowClient, experiment_name: str, source: str = "bench", made=()) -> list:
+    """Per backbone: the run among `made` (the runs the calling command just made), else the newest
+    finished `bench` (or cross-validated `cv`) run, or the best finished `sweep` trial. `made` wins
+    because a command that started later, beside this one, would otherwise fill its table."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise LookupError(f"MLflow has no experiment {experiment_name!r}; run `make bench` for that data first")
@@ -46,6 +47,7 @@ def select_runs(client: MlflowClient, experiment_name: str, source: str = "bench
         name = run.data.params.get("backbone")
         if name not in chosen or (source == "sweep" and _trial_rank(run) > _trial_rank(chosen[name])):
             chosen[name] = run
+    chosen.update({run.data.params.get("backbone"): run for run in runs if run.info.run_id in made})
     if not chosen:
         raise LookupError(f"experiment {experiment_name!r} has no finished {source} runs")
     return [chosen[name] for name in sorted(chosen)]
@@ -54,10 +56,10 @@ def select_runs(client: MlflowClient, experiment_name: str, source: str = "bench
 SCORE = {"bench": "val_macro_f1", "cv": "val_macro_f1_mean"}
 
 
-def register_best(client: MlflowClient, experiment_name: str, source: str = "bench") -> str | None:
+def register_best(client: MlflowClient, experiment_name: str, source: str = "bench", made=()) -> str | None:
     """The best run of the table (validation macro-F1; CV: its mean over folds) registered as
     tumorbench-<data set> with the `champion` alias, if it beats the current champion."""
-    runs = select_runs(client, experiment_name, source)
+    runs = select_runs(client, experiment_name, source, made)
     best = max(runs, key=lambda run: run.data.metrics.get(SCORE[source], -1.0))
     return register_champion(client, experiment_name, best, SCORE[source])
 
@@ -307,10 +309,10 @@ def write(table: pd.DataFrame, out_dir: Path, title: str, pairs: pd.DataFrame | 
 
 
 def build(client: MlflowClient, experiment_name: str, results_dir: Path, source: str = "bench",
-          resamples: int = 2000):
+          resamples: int = 2000, made=()):
     """Query MLflow, write results/<data set>/[cv/|sweep/]comparison.{md,csv,png} (+ pairs.csv, with
-    `resamples` paired-bootstrap draws); returns (table, paths)."""
-    runs = select_runs(client, experiment_name, source)
+    `resamples` paired-bootstrap draws); returns (table, paths). `made`: as in select_runs."""
+    runs = select_runs(client, experiment_name, source, made)
     table = comparison_table(runs, source)
     pairs = paired_comparisons(client, runs, source, resamples) if len(runs) > 1 else None
     out_dir = Path(results_dir) / experiment_name / {"bench": "", "cv": "cv", "sweep": "sweep"}[source]

@@ -406,6 +406,33 @@ def test_runs_carry_dataset_inputs_in_a_model_training_experiment(benched):
     assert len(set(names)) == len(names) and all(n.startswith(r.data.params["backbone"]) for n, r in zip(names, runs))
 
 
+def test_the_table_shows_this_commands_runs_when_a_command_beside_it_started_later(tmp_path, monkeypatch):
+    """Two benches on one store at once: the newest finished run per backbone would be the other
+    command's, so each command's table and champion come from the runs it made."""
+    from benchmark import report
+
+    made = {}
+    train_and_log = recipe.train_and_log
+
+    def train_and_log_while_another_command_finishes(*args):
+        outcome = train_and_log(*args)
+        made["ours"] = mlflow.active_run().info.run_id
+        client = MlflowClient()
+        other = client.create_run(mlflow.active_run().info.experiment_id, tags={tracking.KIND_TAG: "bench"})
+        client.log_param(other.info.run_id, "backbone", "vgg16")
+        client.log_metric(other.info.run_id, "val_macro_f1", 1.0)
+        client.set_terminated(other.info.run_id, "FINISHED")
+        made["other"] = other.info.run_id
+        return outcome
+
+    monkeypatch.setattr(recipe, "train_and_log", train_and_log_while_another_command_finishes)
+    config = tiny_config(tmp_path, 'model.backbones=["vgg16"]', "tracking.log_model=false")
+    table, _, name = bench.run(config)
+    client = MlflowClient(tracking.tracking_uri(config.tracking))
+    assert [run.info.run_id for run in report.select_runs(client, name)] == [made["other"]]  # the newest
+    assert list(table["run_id"]) == [made["ours"]]
+
+
 def test_models_are_mlflow_models_and_the_best_is_the_registered_champion(benched):
     import mlflow.pyfunc
 
