@@ -20,6 +20,8 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
 
+from .phantoms import cache_root
+
 KIND_TAG = "tumorbench.kind"
 MEMBER_TAG = "tumorbench.member"  # 1-based seed-ensemble member of a fold run (absent before train.members: 1)
 MODEL_URI_TAG = "tumorbench.model_uri"  # the run's MLflow model (models:/<id>)
@@ -207,8 +209,6 @@ def register_champion(client: MlflowClient, data_set: str, run, score_key: str) 
 def run_model_file(client: MlflowClient, run_id: str) -> Path:
     """Run `run_id`'s model/model.keras, downloaded once into the tumorbench cache (a run's artifacts
     never change), for `predict` and for `run:<id>` weights alike; MlflowException/OSError if absent."""
-    from .phantoms import cache_root
-
     local = cache_root() / "models" / run_id / "model.keras"
     if not local.is_file():
         with tempfile.TemporaryDirectory() as download:
@@ -216,4 +216,3 @@ def run_model_file(client: MlflowClient, run_id: str) -> Path:
             local.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(fetched, local)
     return local
-

@@ -1,7 +1,7 @@
 """End to end on tiny phantoms with random weights: every registered backbone, MLflow, the table."""
 import json
-import shutil
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +67,16 @@ def test_one_finished_run_and_row_per_backbone(benched):
         assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 2.0)]  # one axis, phase 2 continues
 
 
+def _saved_model(client, run_id, tmp_path):
+    """The run's logged model file, loaded to predict eagerly as the tiny run scored (train.eager): a
+    graph fuses conv and BatchNorm, which moves near-tied scores of untrained models by 1e-7."""
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/model.keras",
+                                                dst_path=str(tmp_path), tracking_uri=client.tracking_uri)
+    model = keras.saving.load_model(local)
+    model.run_eagerly = True
+    return model
+
+
 def test_logged_metrics_equal_scikit_learn_on_the_saved_model(benched, tmp_path):
     config, table, _, name = benched
     client = MlflowClient(tracking.tracking_uri(config.tracking))
@@ -76,12 +86,7 @@ def test_logged_metrics_equal_scikit_learn_on_the_saved_model(benched, tmp_path)
     classes = prepared.dataset.class_names
     for run in client.search_runs([client.get_experiment_by_name(name).experiment_id]):
         spec = backbones.get(run.data.params["backbone"])
-        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model/model.keras",
-                                                    dst_path=str(tmp_path),
-                                                    tracking_uri=client.tracking_uri)
-        model = keras.saving.load_model(local)
-        # eager, as the tiny run scored (train.eager): a graph fuses conv and BatchNorm, moving near ties 1e-7
-        model.run_eagerly = True
+        model = _saved_model(client, run.info.run_id, tmp_path)
         probs = model.predict(pipeline.make_dataset(prepared.dataset, val, spec.preprocess, 32, 8), verbose=0)
         pred = probs.argmax(axis=1)
         logged = run.data.metrics
@@ -107,12 +112,7 @@ def test_test_time_flip_scores_are_the_mean_over_each_image_and_its_mirror(bench
     images = np.asarray(pipeline.decoded_images(prepared.dataset, val, 32), dtype=np.float32)
     for run in client.search_runs([client.get_experiment_by_name(name).experiment_id]):
         spec = backbones.get(run.data.params["backbone"])
-        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model/model.keras",
-                                                    dst_path=str(tmp_path),
-                                                    tracking_uri=client.tracking_uri)
-        model = keras.saving.load_model(local)
-        # eager, as the tiny run scored (train.eager): a graph fuses conv and BatchNorm, moving near ties 1e-7
-        model.run_eagerly = True
+        model = _saved_model(client, run.info.run_id, tmp_path)
         views = [model.predict(spec.preprocess(x), verbose=0) for x in (images, images[:, :, ::-1])]
         averaged = metrics.class_probabilities(np.mean(views, axis=0))
         logged = _artifact_frame(client, run.info.run_id, "predictions_tta_val.csv", tmp_path / run.info.run_id)
@@ -408,7 +408,8 @@ def test_runs_carry_dataset_inputs_in_a_model_training_experiment(benched):
 
 def test_the_table_shows_this_commands_runs_when_a_command_beside_it_started_later(tmp_path, monkeypatch):
     """Two benches on one store at once: the newest finished run per backbone would be the other
-    command's, so each command's table and champion come from the runs it made."""
+    command's, so each command's table comes from the runs it made (its champion is chosen from the
+    same selection)."""
     from benchmark import report
 
     made = {}
