@@ -54,7 +54,7 @@ perf: install
 	$(PY) -m benchmark perf $(if $(QUICK),--quick) $(if $(MEMORY),--memory $(MEMORY)) $(PERF_ARGS)
 
 report: install
-	$(PY) -m benchmark report --source $(SOURCE) $(if $(DATA),--data $(DATA)) --config $(CONFIG)
+	$(PY) -m benchmark report --source $(SOURCE) $(if $(DATA),--data $(DATA)) $(if $(RUNS),--runs $(RUNS)) --config $(CONFIG)
 
 # Exact and near-duplicate images within and across classes and splits: results/<data set>/audit.md.
 audit: install

@@ -120,10 +120,11 @@ def _report(args) -> int:
         config = _config(args)
         client = tracking.connect(config.tracking)
         name = args.dataset or recipe.dataset_name(config)
+        only = [run_id.strip() for run_id in (args.runs or "").split(",") if run_id.strip()]
         if args.source != "sweep":  # sweep trials keep no model
-            report.register_best(client, name, args.source)
+            report.register_best(client, name, args.source, only=only)
         _, paths = report.build(client, name, Path(config.tracking.results_dir), args.source,
-                                config.evaluate.bootstrap_resamples)
+                                config.evaluate.bootstrap_resamples, only=only)
     except (*USER_ERRORS, tracking.TrackingUnavailable, LookupError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -264,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     report_cmd.add_argument("--source", default="bench", choices=["bench", "cv", "sweep"],
                             help="bench: newest bench run per backbone; cv: newest cross-validated one; "
                             "sweep: best sweep trial per backbone")
+    report_cmd.add_argument("--runs", metavar="ID[,ID...]", help="table exactly these runs (one per backbone; "
+                            "cv: the parents) instead of the newest")
     report_cmd.set_defaults(run=_report)
     return parser
 

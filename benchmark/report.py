@@ -29,10 +29,11 @@ def _trial_rank(run) -> tuple[float, int]:
     return score, -int(run.data.tags.get("tumorbench.trial", 0))
 
 
-def select_runs(client: MlflowClient, experiment_name: str, source: str = "bench", made=()) -> list:
+def select_runs(client: MlflowClient, experiment_name: str, source: str = "bench", made=(), only=()) -> list:
     """Per backbone: the run among `made` (the runs the calling command just made), else the newest
     finished `bench` (or cross-validated `cv`) run, or the best finished `sweep` trial. `made` wins
-    because a command that started later, beside this one, would otherwise fill its table."""
+    because a command that started later, beside this one, would otherwise fill its table. `only`:
+    exactly these runs (`report --runs`), one per backbone, e.g. several backbones on one split."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise LookupError(f"MLflow has no experiment {experiment_name!r}; run `make bench` for that data first")
@@ -42,6 +43,8 @@ def select_runs(client: MlflowClient, experiment_name: str, source: str = "bench
         order_by=["attributes.start_time DESC"],
         max_results=5000,
     )
+    if only:
+        return _exactly(runs, list(only), experiment_name, source)
     chosen: dict[str, object] = {}
     for run in runs:
         name = run.data.params.get("backbone")
@@ -53,13 +56,30 @@ def select_runs(client: MlflowClient, experiment_name: str, source: str = "bench
     return [chosen[name] for name in sorted(chosen)]
 
 
+def _exactly(runs: list, run_ids: list[str], experiment_name: str, source: str) -> list:
+    by_id = {run.info.run_id: run for run in runs}
+    missing = [run_id for run_id in run_ids if run_id not in by_id]
+    if missing:
+        raise LookupError(f"not finished {source} runs of experiment {experiment_name!r}: {', '.join(missing)} "
+                          f"(a cross-validated run is the parent, with --source cv)")
+    chosen: dict[str, object] = {}
+    for run_id in dict.fromkeys(run_ids):
+        name = by_id[run_id].data.params.get("backbone")
+        if name in chosen:
+            raise LookupError(f"runs {chosen[name].info.run_id} and {run_id} are both {name}: a table has "
+                              f"one row per backbone")
+        chosen[name] = by_id[run_id]
+    return [chosen[name] for name in sorted(chosen)]
+
+
 SCORE = {"bench": "val_macro_f1", "cv": "val_macro_f1_mean"}
 
 
-def register_best(client: MlflowClient, experiment_name: str, source: str = "bench", made=()) -> str | None:
+def register_best(client: MlflowClient, experiment_name: str, source: str = "bench", made=(),
+                  only=()) -> str | None:
     """The best run of the table (validation macro-F1; CV: its mean over folds) registered as
     tumorbench-<data set> with the `champion` alias, if it beats the current champion."""
-    runs = select_runs(client, experiment_name, source, made)
+    runs = select_runs(client, experiment_name, source, made, only)
     best = max(runs, key=lambda run: run.data.metrics.get(SCORE[source], -1.0))
     return register_champion(client, experiment_name, best, SCORE[source])
 
@@ -309,10 +329,10 @@ def write(table: pd.DataFrame, out_dir: Path, title: str, pairs: pd.DataFrame | 
 
 
 def build(client: MlflowClient, experiment_name: str, results_dir: Path, source: str = "bench",
-          resamples: int = 2000, made=()):
+          resamples: int = 2000, made=(), only=()):
     """Query MLflow, write results/<data set>/[cv/|sweep/]comparison.{md,csv,png} (+ pairs.csv, with
-    `resamples` paired-bootstrap draws); returns (table, paths). `made`: as in select_runs."""
-    runs = select_runs(client, experiment_name, source, made)
+    `resamples` paired-bootstrap draws); returns (table, paths). `made`, `only`: as in select_runs."""
+    runs = select_runs(client, experiment_name, source, made, only)
     table = comparison_table(runs, source)
     pairs = paired_comparisons(client, runs, source, resamples) if len(runs) > 1 else None
     out_dir = Path(results_dir) / experiment_name / {"bench": "", "cv": "cv", "sweep": "sweep"}[source]

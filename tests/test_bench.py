@@ -154,6 +154,43 @@ def test_report_rebuilds_the_same_table_from_mlflow_alone(benched, tmp_path):
     assert len(pd.read_csv(paths["csv"])) == len(backbones.names())
 
 
+def test_report_runs_tables_the_runs_named_on_the_command_line(benched, tmp_path, capsys):
+    config, table, _, name = benched
+    picked = table.sort_values("backbone").iloc[[0, -1]]
+    out = tmp_path / "picked"
+    args = cli.build_parser().parse_args(
+        ["report", "--runs", ",".join(picked["run_id"]), "--dataset", name,
+         "--set", f'tracking.uri="{tracking.tracking_uri(config.tracking)}"', "--set", f'tracking.results_dir="{out}"'])
+    code = args.run(args)
+    assert code == 0, capsys.readouterr().err
+    written = pd.read_csv(out / name / "comparison.csv")
+    assert list(written["run_id"]) == list(picked["run_id"]) and len(table) > 2
+
+
+def test_report_runs_refuses_unknown_unfinished_and_same_backbone_runs(tmp_path):
+    from benchmark import report
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("set")
+
+    def run(backbone, status="FINISHED", kind="bench"):
+        made = client.create_run(experiment_id, tags={tracking.KIND_TAG: kind})
+        client.log_param(made.info.run_id, "backbone", backbone)
+        if status != "RUNNING":
+            client.set_terminated(made.info.run_id, status)
+        return made.info.run_id
+
+    old_vgg, lite0, new_vgg = run("vgg16"), run("efficientnet_lite0"), run("vgg16")
+    running, fold = run("resnet50", "RUNNING"), run("resnet50", kind="bench-cv")
+    assert [r.info.run_id for r in report.select_runs(client, "set")] == [lite0, new_vgg]
+    assert [r.info.run_id for r in report.select_runs(client, "set", only=[old_vgg, lite0])] == [lite0, old_vgg]
+    for wrong in (running, fold, "no-such-run"):
+        with pytest.raises(LookupError, match=f"not finished bench runs of experiment 'set': {wrong}"):
+            report.select_runs(client, "set", only=[lite0, wrong])
+    with pytest.raises(LookupError, match=f"runs {old_vgg} and {new_vgg} are both vgg16"):
+        report.select_runs(client, "set", only=[old_vgg, new_vgg])
+
+
 def _tiny_parts(tmp_path, mode="binary"):
     from benchmark.phantoms import phantom_dataset
 
