@@ -316,8 +316,7 @@ def run(config) -> tuple:
              run_backbone(config, prepared, name, weights[name], experiment))["run_id"]
             for name in config.model.backbones]
     source = "cv" if folds else "bench"
-    if config.tracking.log_model:
-        report.register_best(client, prepared.name, source, made)
-    table, paths = report.build(client, prepared.name, Path(config.tracking.results_dir), source,
-                                config.evaluate.bootstrap_resamples, made)
+    runs = report.select_runs(client, prepared.name, source, made)
+    table, paths = report.build(client, prepared.name, runs, Path(config.tracking.results_dir), source,
+                                config.evaluate.bootstrap_resamples, register=config.tracking.log_model)
     return table, paths, prepared.name

@@ -121,10 +121,10 @@ def _report(args) -> int:
         client = tracking.connect(config.tracking)
         name = args.dataset or recipe.dataset_name(config)
         only = [run_id.strip() for run_id in (args.runs or "").split(",") if run_id.strip()]
-        if args.source != "sweep":  # sweep trials keep no model
-            report.register_best(client, name, args.source, only=only)
-        _, paths = report.build(client, name, Path(config.tracking.results_dir), args.source,
-                                config.evaluate.bootstrap_resamples, only=only)
+        runs = report.select_runs(client, name, args.source, only=only)
+        _, paths = report.build(client, name, runs, Path(config.tracking.results_dir), args.source,
+                                config.evaluate.bootstrap_resamples,
+                                register=args.source != "sweep")  # sweep trials keep no model
     except (*USER_ERRORS, tracking.TrackingUnavailable, LookupError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -60,8 +60,10 @@ def _exactly(runs: list, run_ids: list[str], experiment_name: str, source: str) 
     by_id = {run.info.run_id: run for run in runs}
     missing = [run_id for run_id in run_ids if run_id not in by_id]
     if missing:
-        raise LookupError(f"not finished {source} runs of experiment {experiment_name!r}: {', '.join(missing)} "
-                          f"(a cross-validated run is the parent, with --source cv)")
+        hint = ("; a cross-validated run is named by its parent" if source == "cv"
+                else "; a cross-validated run needs --source cv")
+        raise LookupError(f"not finished {source} runs of experiment {experiment_name!r}: {', '.join(missing)}"
+                          f"{hint}")
     chosen: dict[str, object] = {}
     for run_id in dict.fromkeys(run_ids):
         name = by_id[run_id].data.params.get("backbone")
@@ -75,11 +77,10 @@ def _exactly(runs: list, run_ids: list[str], experiment_name: str, source: str) 
 SCORE = {"bench": "val_macro_f1", "cv": "val_macro_f1_mean"}
 
 
-def register_best(client: MlflowClient, experiment_name: str, source: str = "bench", made=(),
-                  only=()) -> str | None:
-    """The best run of the table (validation macro-F1; CV: its mean over folds) registered as
+def register_best(client: MlflowClient, experiment_name: str, runs: list,
+                  source: str = "bench") -> str | None:
+    """The best of `runs` (select_runs; validation macro-F1, CV: its mean over folds) registered as
     tumorbench-<data set> with the `champion` alias, if it beats the current champion."""
-    runs = select_runs(client, experiment_name, source, made, only)
     best = max(runs, key=lambda run: run.data.metrics.get(SCORE[source], -1.0))
     return register_champion(client, experiment_name, best, SCORE[source])
 
@@ -328,11 +329,13 @@ def write(table: pd.DataFrame, out_dir: Path, title: str, pairs: pd.DataFrame | 
     return paths
 
 
-def build(client: MlflowClient, experiment_name: str, results_dir: Path, source: str = "bench",
-          resamples: int = 2000, made=(), only=()):
-    """Query MLflow, write results/<data set>/[cv/|sweep/]comparison.{md,csv,png} (+ pairs.csv, with
-    `resamples` paired-bootstrap draws); returns (table, paths). `made`, `only`: as in select_runs."""
-    runs = select_runs(client, experiment_name, source, made, only)
+def build(client: MlflowClient, experiment_name: str, runs: list, results_dir: Path, source: str = "bench",
+          resamples: int = 2000, register: bool = False):
+    """Write the table of `runs` (select_runs) to results/<data set>/[cv/|sweep/]comparison.{md,csv,png}
+    (+ pairs.csv, with `resamples` paired-bootstrap draws); returns (table, paths). `register`: first
+    register_best, and re-read the runs so that the table's `registered` column shows it."""
+    if register and register_best(client, experiment_name, runs, source):
+        runs = [client.get_run(run.info.run_id) for run in runs]
     table = comparison_table(runs, source)
     pairs = paired_comparisons(client, runs, source, resamples) if len(runs) > 1 else None
     out_dir = Path(results_dir) / experiment_name / {"bench": "", "cv": "cv", "sweep": "sweep"}[source]

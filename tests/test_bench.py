@@ -181,12 +181,18 @@ def test_report_runs_refuses_unknown_unfinished_and_same_backbone_runs(tmp_path)
         return made.info.run_id
 
     old_vgg, lite0, new_vgg = run("vgg16"), run("efficientnet_lite0"), run("vgg16")
-    running, fold = run("resnet50", "RUNNING"), run("resnet50", kind="bench-cv")
+    running, parent = run("resnet50", "RUNNING"), run("resnet50", kind="bench-cv")
+    fold = run("resnet50", kind="bench-fold")
     assert [r.info.run_id for r in report.select_runs(client, "set")] == [lite0, new_vgg]
     assert [r.info.run_id for r in report.select_runs(client, "set", only=[old_vgg, lite0])] == [lite0, old_vgg]
-    for wrong in (running, fold, "no-such-run"):
+    for wrong in (running, parent, "no-such-run"):
         with pytest.raises(LookupError, match=f"not finished bench runs of experiment 'set': {wrong}"):
             report.select_runs(client, "set", only=[lite0, wrong])
+    with pytest.raises(LookupError, match="needs --source cv"):
+        report.select_runs(client, "set", only=[parent])
+    with pytest.raises(LookupError, match="named by its parent"):  # a fold's run, asked for as a cv table row
+        report.select_runs(client, "set", source="cv", only=[fold])
+    assert [r.info.run_id for r in report.select_runs(client, "set", source="cv", only=[parent])] == [parent]
     with pytest.raises(LookupError, match=f"runs {old_vgg} and {new_vgg} are both vgg16"):
         report.select_runs(client, "set", only=[old_vgg, new_vgg])
 
@@ -483,7 +489,8 @@ def test_models_are_mlflow_models_and_the_best_is_the_registered_champion(benche
     best = table.sort_values("val_macro_f1", ascending=False, kind="stable").iloc[0]
     assert champion.run_id == best["run_id"]
     assert best["registered"] == f"{registered} v{champion.version}"
-    assert report.register_best(client, name) is None  # not better than itself: the alias stays
+    runs = report.select_runs(client, name)
+    assert report.register_best(client, name, runs) is None  # not better than itself: the alias stays
     assert client.get_model_version_by_alias(registered, "champion").version == champion.version
 
     files = sorted(recipe.data_path(config).rglob("*.png"))[:3]

@@ -66,7 +66,8 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "vgg16-optimization_history.png", "vgg16-param_importances.png", "vgg16-unfreeze_depth.png"}
 
-    table, paths = report.build(client, "phantoms-4class", config.tracking.results_dir, source="sweep")
+    runs = report.select_runs(client, "phantoms-4class", "sweep")
+    table, paths = report.build(client, "phantoms-4class", runs, config.tracking.results_dir, source="sweep")
     assert paths["md"].parent.name == "sweep"
     assert int(table.loc[0, "trial"]) == study.best_trial.number
     assert table.loc[0, "val_macro_f1"] == pytest.approx(study.best_value)
