@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,6 +17,37 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Phantoms and Keras downloads go to a per-session temporary folder, never $HOME."""
     cache = tmp_path_factory.getbasetemp() / "cache"
     monkeypatch.setenv("TUMORBENCH_CACHE", str(cache))
+
+
+@pytest.fixture(scope="session")
+def _migrated_store(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, created once: MLflow builds a new store by running its schema
+    migrations, seconds each time, and most tests here start from a new store."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.getbasetemp() / "migrated-mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments(max_results=1)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _new_stores_from_the_migrated_one(_migrated_store, monkeypatch):
+    """A SQLite store opened in this process that does not exist yet starts as a copy of the migrated
+    empty one: the same tables and Default experiment MLflow would create (subprocesses still create theirs)."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+
+    def seeded(init):
+        def wrapper(self, db_uri, *args, **kwargs):
+            path = Path(db_uri.removeprefix("sqlite:///"))
+            if db_uri.startswith("sqlite:///") and not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(_migrated_store, path)
+            init(self, db_uri, *args, **kwargs)
+        return wrapper
+
+    for store in (TrackingStore, RegistryStore):
+        monkeypatch.setattr(store, "__init__", seeded(store.__init__))
 
 
 def write_image(path: Path, mode: str = "L", size=(24, 20), seed: int = 0, fmt: str | None = None) -> Path:
