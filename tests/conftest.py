@@ -50,6 +50,17 @@ def _new_stores_from_the_migrated_one(_migrated_store, monkeypatch):
         monkeypatch.setattr(store, "__init__", seeded(store.__init__))
 
 
+@pytest.fixture(autouse=True)
+def _no_serving_rehearsal(request, monkeypatch):
+    """MLflow's log_model loads each logged model again and predicts its input example, only to warn
+    if that fails: about 5 s a model here, a third of the CV test's time. Tests skip that rehearsal,
+    except those marked `serving_rehearsal`, which check that it passes."""
+    if request.node.get_closest_marker("serving_rehearsal") is None:
+        import mlflow.models.utils
+
+        monkeypatch.setattr(mlflow.models.utils, "_validate_serving_input", lambda model_uri, serving_input: None)
+
+
 def write_image(path: Path, mode: str = "L", size=(24, 20), seed: int = 0, fmt: str | None = None) -> Path:
     """A small random image of `mode` saved at `path` (format from the suffix unless `fmt`)."""
     rng = np.random.default_rng(seed)

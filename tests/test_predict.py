@@ -113,18 +113,35 @@ def test_score_compares_predictions_with_the_class_folders(tmp_path):
     assert result.returncode == 1 and "stray.png: --score needs every image in a subfolder" in result.stderr
 
 
-def test_mlflow_model_averages_the_test_time_views_when_asked(tmp_path):
+@pytest.mark.serving_rehearsal
+def test_mlflow_model_averages_the_test_time_views_when_asked(tmp_path, monkeypatch):
     import mlflow
+    import mlflow.models.utils
     import mlflow.pyfunc
 
     from benchmark import mlflow_model
 
+    rehearsed = []  # MLflow only warns when the rehearsal fails: record what it returned, or raised
+    real = mlflow.models.utils._validate_serving_input
+
+    def rehearse(model_uri, serving_input):
+        try:
+            rehearsed.append(real(model_uri, serving_input))
+        except Exception as error:
+            rehearsed.append(error)
+            raise
+        return rehearsed[-1]
+
+    monkeypatch.setattr(mlflow.models.utils, "_validate_serving_input", rehearse)
     _, path = saved_model(tmp_path)
     files = [write_image(tmp_path / "in" / f"{i}.png", "RGB", (40, 30), seed=i) for i in range(4)]
     pixels = np.stack([pipeline.resize(intake.load_rgb(f), SIZE) for f in files])
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     with mlflow.start_run():
         info = mlflow_model.log([path, path], modelfile.load(path)[1], pixels[:1])
+    # The logged input example serves as MLflow's scoring server would: one row of probabilities.
+    assert len(rehearsed) == 1 and list(rehearsed[0].columns) == ["prob_no", "prob_yes"]
+    assert rehearsed[0].to_numpy().sum() == pytest.approx(1, abs=1e-5)
     pyfunc = mlflow.pyfunc.load_model(info.model_uri)
     for tta in (False, True):
         expected = [r["prob_yes"] for r in predict.run(path, [str(f) for f in files], tta=tta)]
