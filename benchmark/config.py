@@ -84,6 +84,9 @@ class TrainConfig:
     # on the cached features, and skips those epochs (LP-FT: fine-tuning starts from the probe).
     head_init: str = "train"
     weight_decay: float = 0.0  # phase 2: AdamW with this decoupled weight decay (0: Adam)
+    # Both phases: the loss aims at 1 - s on the labelled class and s spread over all classes, and
+    # validation loss (early stopping, best weights) is scored the same way; 0: plain cross-entropy.
+    label_smoothing: float = 0.0
     # Pretrained BatchNormalization in the unfrozen groups: "frozen" keeps the ImageNet statistics in
     # inference mode (the Keras guide, safest for small sets); "train" normalises with batch
     # statistics and updates them, adapting them to MRI (a base trained from scratch always trains them).
@@ -261,6 +264,7 @@ RULES: dict[str, tuple] = {
     "train.min_lr": (_at_least(0), ">= 0"),
     "train.head_init": _one_of("train", "probe"),
     "train.weight_decay": (_at_least(0), ">= 0"),
+    "train.label_smoothing": (lambda v: 0 <= v < 1, "0 <= label_smoothing < 1"),
     "train.schedule2": _one_of("plateau", "cosine"),
     "train.batchnorm": _one_of("frozen", "train"),
     "train.verbose": _one_of(0, 1, 2),

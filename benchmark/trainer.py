@@ -75,9 +75,10 @@ class KeepBest(keras.callbacks.Callback):
             self.best, self.best_epoch = float(val_loss), epoch
             self.weights = self.classifier.get_weights()
 
-    def consider(self, model, fit_model, val_data, n_classes: int, epoch: int):
-        """Count the current weights (before any epoch) as a candidate, scored on `val_data`."""
-        compile_model(fit_model, n_classes, make_optimizer(1e-3), "off")
+    def consider(self, model, fit_model, val_data, n_classes: int, epoch: int, label_smoothing: float = 0.0):
+        """Count the current weights (before any epoch) as a candidate, scored on `val_data` with the
+        loss the epochs are scored with."""
+        compile_model(fit_model, n_classes, make_optimizer(1e-3), "off", label_smoothing=label_smoothing)
         x, y = val_data if isinstance(val_data, tuple) else (val_data, None)
         val_loss = fit_model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
         if val_loss < self.best:
@@ -115,12 +116,25 @@ def make_optimizer(learning_rate: float, weight_decay: float = 0.0, decay_steps:
     return keras.optimizers.Adam(schedule)
 
 
-def compile_model(model: keras.Model, n_classes: int, optimizer, jit_compile="auto", eager: bool = False) -> None:
+def cross_entropy(n_classes: int, label_smoothing: float = 0.0):
+    """The training loss. Label smoothing s aims at 1 - s on the labelled class plus s spread evenly
+    over all classes (Keras' convention), so a few hundred images never push the model to certainty."""
     if n_classes == 2:
-        loss, accuracy = "binary_crossentropy", keras.metrics.BinaryAccuracy(name="accuracy")
-    else:
-        loss, accuracy = "sparse_categorical_crossentropy", keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-    model.compile(optimizer=optimizer, loss=loss, metrics=[accuracy],
+        return keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
+    if label_smoothing == 0:
+        return keras.losses.SparseCategoricalCrossentropy()
+
+    def smoothed_sparse_categorical_crossentropy(labels, probabilities):
+        one_hot = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(labels, (-1,)), "int32"), n_classes)
+        return keras.losses.categorical_crossentropy(one_hot, probabilities, label_smoothing=label_smoothing)
+    return smoothed_sparse_categorical_crossentropy
+
+
+def compile_model(model: keras.Model, n_classes: int, optimizer, jit_compile="auto", eager: bool = False,
+                  label_smoothing: float = 0.0) -> None:
+    accuracy = (keras.metrics.BinaryAccuracy(name="accuracy") if n_classes == 2
+                else keras.metrics.SparseCategoricalAccuracy(name="accuracy"))
+    model.compile(optimizer=optimizer, loss=cross_entropy(n_classes, label_smoothing), metrics=[accuracy],
                   jit_compile=False if eager else {"on": True, "off": False, "auto": "auto"}[jit_compile],
                   run_eagerly=eager)
 
@@ -174,11 +188,12 @@ def train_two_phase(model, base, spec, feed, train_config, n_classes: int, callb
             result.unfrozen = unfrozen
         fit_model, train_data, val_data = feed.phase(model, base, spec, unfreeze)
         if phase == 2 and head_ready and epoch == 0:
-            keep_best.consider(model, fit_model, val_data, n_classes, epoch=-1)
+            keep_best.consider(model, fit_model, val_data, n_classes, epoch=-1, label_smoothing=cfg.label_smoothing)
         cosine = phase == 2 and cfg.schedule2 == "cosine"
         decay_steps = epochs * _batches_per_epoch(train_data) if cosine else 0
         compile_model(fit_model, n_classes, make_optimizer(learning_rate, cfg.weight_decay if phase == 2 else 0.0,
-                                                           decay_steps), cfg.jit_compile, cfg.eager)
+                                                           decay_steps), cfg.jit_compile, cfg.eager,
+                      cfg.label_smoothing)
         result.trainable_params = sum(int(np.prod(w.shape)) for w in fit_model.trainable_weights)
         scoring = []
         if score:

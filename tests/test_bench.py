@@ -224,6 +224,28 @@ class _Snapshots(keras.callbacks.Callback):
             self.end = self._weights()
 
 
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_label_smoothing_scores_against_the_smoothed_targets(n_classes):
+    from benchmark.trainer import compile_model, make_optimizer
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(8, 3)).astype("float32")
+    labels = rng.integers(0, n_classes, 8)
+    inputs = keras.Input((3,))
+    outputs = keras.layers.Dense(1 if n_classes == 2 else n_classes,
+                                 activation="sigmoid" if n_classes == 2 else "softmax")(inputs)
+    model = keras.Model(inputs, outputs)
+    predicted = model.predict(features, verbose=0)
+    probabilities = np.hstack([1 - predicted, predicted]) if n_classes == 2 else predicted
+    for smoothing in (0.0, 0.3):
+        targets = np.eye(n_classes)[labels] * (1 - smoothing) + smoothing / n_classes
+        expected = -(targets * np.log(probabilities)).sum(1).mean()
+        compile_model(model, n_classes, make_optimizer(1e-3), "off", label_smoothing=smoothing)
+        y = labels.reshape(-1, 1).astype("float32") if n_classes == 2 else labels
+        got = model.evaluate(features, y, batch_size=8, verbose=0, return_dict=True)["loss"]
+        assert got == pytest.approx(expected, rel=1e-4), smoothing
+
+
 @pytest.mark.parametrize("views", [0, 2], ids=["streamed", "cached"])
 @pytest.mark.parametrize("name", backbones.names())
 def test_phase_two_changes_only_the_unfrozen_groups(name, views, tmp_path, monkeypatch):

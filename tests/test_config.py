@@ -79,6 +79,7 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     ("model.backbones=[]", "model.backbones = [] is not allowed: at least one backbone"),
     ("train.head_init=\"probe\"", "needs model.head_units = 0 (got 256)"),
     ("train.members=0", "train.members = 0 is not allowed: >= 1"),
+    ("train.label_smoothing=1.0", "train.label_smoothing = 1.0 is not allowed: 0 <= label_smoothing < 1"),
     ("train.members=3", "train.members = 3 trains a seed ensemble per cross-validation fold: it needs data.folds >= 2"),
 ])
 def test_values_that_cant_be_meant_are_refused_by_name(override, message):
