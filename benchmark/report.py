@@ -60,10 +60,10 @@ def _exactly(runs: list, run_ids: list[str], experiment_name: str, source: str) 
     by_id = {run.info.run_id: run for run in runs}
     missing = [run_id for run_id in run_ids if run_id not in by_id]
     if missing:
-        hint = ("; a cross-validated run is named by its parent" if source == "cv"
-                else "; a cross-validated run needs --source cv")
-        raise LookupError(f"not finished {source} runs of experiment {experiment_name!r}: {', '.join(missing)}"
-                          f"{hint}")
+        hint = ("a cross-validated run is named by its parent" if source == "cv"
+                else "a cross-validated run needs --source cv")
+        raise LookupError(f"not finished {source} runs of experiment {experiment_name!r}: "
+                          f"{', '.join(missing)}; {hint}")
     chosen: dict[str, object] = {}
     for run_id in dict.fromkeys(run_ids):
         name = by_id[run_id].data.params.get("backbone")

@@ -39,8 +39,7 @@ def _new_stores_from_the_migrated_one(_migrated_store, monkeypatch):
 
     def seeded(init):
         def wrapper(self, db_uri, *args, **kwargs):
-            path = Path(db_uri.removeprefix("sqlite:///"))
-            if db_uri.startswith("sqlite:///") and not path.exists():
+            if db_uri.startswith("sqlite:///") and not (path := Path(db_uri.removeprefix("sqlite:///"))).exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(_migrated_store, path)
             init(self, db_uri, *args, **kwargs)
