@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict_cmd = commands.add_parser("predict", help="classify images with a trained model")
     predict_cmd.add_argument("model", help="a .keras file from bench, an MLflow run id (a cross-validated "
-                             "run: its fold models as an ensemble), or best:<data set>")
+                             "run: its fold models as an ensemble), models:/<name>@<alias> or best:<data set>; "
+                             "several joined by commas are one ensemble")
     predict_cmd.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
     predict_cmd.add_argument("--out", help="write rows to a .csv or .json file")
     predict_cmd.add_argument("--tta", action="store_true", help="average over the original and its horizontal flip")

@@ -48,8 +48,13 @@ def _best_run(client, data_set: str):
 
 def resolve_models(reference: str, tracking_config) -> list[Path]:
     """The model file(s) `reference` names: a .keras file; an MLflow run id (a bench run's model, or
-    the fold models of a cross-validated parent run, predicted as an ensemble); or best:<data set>
-    (the bench run or cross-validated ensemble with the best validation macro-F1)."""
+    the fold models of a cross-validated parent run, predicted as an ensemble); models:/<name>@<alias>;
+    or best:<data set> (the bench run or cross-validated ensemble with the best validation macro-F1).
+    Several references joined by commas are one ensemble of all their models (e.g. two backbones'
+    cross-validations)."""
+    if "," in reference and not Path(reference).is_file():
+        return [path for part in reference.split(",") if part.strip()
+                for path in resolve_models(part.strip(), tracking_config)]
     if Path(reference).is_file():
         return [Path(reference)]
     if reference.startswith("models:/"):  # models:/<name>/<version>, models:/<name>@champion
@@ -87,9 +92,9 @@ def image_files(paths: list[str]) -> list[Path]:
     return found
 
 
-def _load(path: Path, size: int):
+def _load(path: Path):
     try:
-        return pipeline.resize(intake.load_rgb(path), size), ""
+        return intake.load_rgb(path), ""
     except intake.DataError as err:
         return None, str(err).removeprefix(f"{path}: ")
     except OSError as err:
@@ -97,18 +102,31 @@ def _load(path: Path, size: int):
 
 
 def _load_models(model_paths: list[Path]) -> list[tuple]:
-    """(model, description, spec) per file; an ensemble's models must agree on classes and input size."""
+    """(model, description, spec) per file; an ensemble's models must agree on their classes (each
+    is fed at its own input size)."""
     loaded = []
     for path in model_paths:
         model, description = modelfile.load(path)
         loaded.append((model, description, backbones.get(description["backbone"])))
     first = loaded[0][1]
     for path, (_, description, _) in zip(model_paths, loaded):
-        for key in ("class_names", "input_size"):
-            if description[key] != first[key]:
-                raise modelfile.ModelFileError(f"{path}: {key} {description[key]} differs from {model_paths[0]}'s "
-                                               f"{first[key]}; an ensemble's models must agree")
+        if description["class_names"] != first["class_names"]:
+            raise modelfile.ModelFileError(f"{path}: class_names {description['class_names']} differ from "
+                                           f"{model_paths[0]}'s {first['class_names']}; an ensemble's models must agree")
     return loaded
+
+
+def _ensemble_probabilities(ensemble: list[tuple], images: list[np.ndarray], batch_size: int, tta: bool):
+    """The mean over every model (and view) of an ensemble whose models may differ in input size:
+    each size's models see the images resized to it, and each model counts once."""
+    sizes = sorted({description["input_size"] for _, description, _ in ensemble})
+    total = 0.0
+    for size in sizes:
+        members = [(model, spec.preprocess) for model, description, spec in ensemble
+                   if description["input_size"] == size]
+        resized = np.stack([pipeline.resize(pixels, size) for pixels in images])
+        total = total + len(members) * pipeline.ensemble_probabilities(members, resized, batch_size, tta)
+    return total / len(ensemble)
 
 
 def run(model_paths: Path | list[Path], paths: list[str], batch_size: int = 32, tta: bool = False,
@@ -127,28 +145,28 @@ def run(model_paths: Path | list[Path], paths: list[str], batch_size: int = 32, 
     for start in range(0, len(files), CHUNK):
         chunk = files[start:start + CHUNK]
         with ThreadPoolExecutor(max_workers=intake.READ_THREADS) as pool:
-            loaded = list(pool.map(lambda p: _load(p, size), chunk))
+            loaded = list(pool.map(_load, chunk))
         good = [(path, pixels) for path, (pixels, error) in zip(chunk, loaded) if not error]
-        members = [(member, member_spec.preprocess) for member, _, member_spec in ensemble]
-        probs = (pipeline.ensemble_probabilities(members, np.stack([p for _, p in good]), batch_size, tta)
+        probs = (_ensemble_probabilities(ensemble, [p for _, p in good], batch_size, tta)
                  if good else np.zeros((0, len(classes))))
         maps = None
         if explain and good:
-            stacked = np.stack([p for _, p in good]).astype("float32")
-            maps = np.concatenate([gradcam.heatmaps(model, spec, spec.preprocess(stacked[i:i + batch_size]))
-                                   for i in range(0, len(stacked), batch_size)])
-        by_path = {path: (i, pixels) for i, (path, pixels) in enumerate(good)}
+            shown = np.stack([pipeline.resize(p, size) for _, p in good])  # at the first model's size
+            maps = np.concatenate([
+                gradcam.heatmaps(model, spec, spec.preprocess(shown[i:i + batch_size].astype("float32")))
+                for i in range(0, len(shown), batch_size)])
+        by_path = {path: i for i, (path, _) in enumerate(good)}
         for path, (_, error) in zip(chunk, loaded):
             row = {"path": str(path), "predicted": "", **{f"prob_{c}": "" for c in classes},
                    "tta": pipeline.TTA_VIEWS if tta else "", "models": len(ensemble), "error": error}
             if path in by_path:
-                i, pixels = by_path[path]
+                i = by_path[path]
                 p = probs[i]
                 index = int(p[1] >= threshold) if threshold is not None else int(np.argmax(p))
                 row.update({"predicted": classes[index], **{f"prob_{c}": float(v) for c, v in zip(classes, p)}})
                 if maps is not None:
                     explain.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(gradcam.overlay(pixels, maps[i])).save(
+                    Image.fromarray(gradcam.overlay(shown[i], maps[i])).save(
                         explain / f"{start + chunk.index(path):05d}_{path.stem}_gradcam.png")
             rows.append(row)
     return rows

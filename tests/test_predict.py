@@ -43,6 +43,24 @@ def test_description_round_trips_and_predictions_equal_the_in_memory_model(tmp_p
     assert sum(r["predicted"] == "yes" for r in thresholded) == int((expected >= np.median(expected)).sum())
 
 
+def test_models_of_different_sizes_and_runs_predict_as_one_ensemble(tmp_path):
+    """References joined by commas are one ensemble; each model sees the images at its own input
+    size, and the ensemble's probabilities are the mean of what each model alone predicts."""
+    _, small = saved_model(tmp_path, "vgg16", size=SIZE)
+    _, large = saved_model(tmp_path, "resnet50", size=48)
+    files = [write_image(tmp_path / "in" / f"{i}.png", "RGB", (40, 30), seed=i) for i in range(4)]
+    models = predict.resolve_models(f"{small},{large}", None)
+    assert models == [small, large]
+    rows = predict.run(models, [str(tmp_path / "in")], batch_size=2)
+    alone = [[r["prob_yes"] for r in predict.run(path, [str(tmp_path / "in")])] for path in (small, large)]
+    assert not np.allclose(*alone)
+    np.testing.assert_allclose([r["prob_yes"] for r in rows], np.mean(alone, axis=0), rtol=1e-5, atol=1e-6)
+    assert {r["models"] for r in rows} == {2} and [r["path"] for r in rows] == [str(f) for f in files]
+    _, other_classes = saved_model(tmp_path, "efficientnetb0", classes=("a", "b"))
+    with pytest.raises(modelfile.ModelFileError, match="class_names .* differ"):
+        predict.run([small, other_classes], [str(tmp_path / "in")])
+
+
 def test_a_trained_model_is_saved_without_its_optimizer_state(tmp_path):
     """The Adam moments would double the file and are never read back: the file keeps only the
     model's weights, and they load back equal to the trained ones."""
