@@ -175,33 +175,57 @@ def _predictions(client: MlflowClient, run, artifact: str) -> pd.DataFrame | Non
             return None
 
 
+ENSEMBLE = "ensemble of all"
+
+
+def _ensemble(frames: dict) -> pd.DataFrame | None:
+    """Every row's probabilities averaged per image (what `predict <run>,<run>,...` computes), or None
+    when the rows did not score the same images."""
+    ordered = [frame.sort_values("source").reset_index(drop=True) for frame in frames.values()]
+    first = ordered[0]
+    if any(len(f) != len(first) or not f["source"].equals(first["source"]) or not f["label"].equals(first["label"])
+           for f in ordered):
+        return None
+    columns = [c for c in first.columns if c.startswith("prob_")]
+    mean = np.mean([f[columns].to_numpy() for f in ordered], axis=0)
+    return pd.concat([first[["source", "label"]], pd.DataFrame(mean, columns=columns)], axis=1)
+
+
+def _pair(split: str, name_a: str, a: pd.DataFrame, name_b: str, b: pd.DataFrame, resamples: int) -> dict:
+    joined = a.merge(b, on=["source", "label"], suffixes=("_a", "_b"))
+    if len(joined) != len(a) or len(joined) != len(b):
+        return {"split": split, "a": name_a, "b": name_b, "n_images": len(joined),
+                "note": "not the same images; rerun both on the same data and split"}
+    probability_columns = [c for c in a.columns if c.startswith("prob_")]
+    pred_a = joined[[f"{c}_a" for c in probability_columns]].to_numpy().argmax(axis=1)
+    pred_b = joined[[f"{c}_b" for c in probability_columns]].to_numpy().argmax(axis=1)
+    truth = joined["label"].to_numpy()
+    row = {"split": split, "a": name_a, "b": name_b, "n_images": len(joined),
+           "accuracy_a": float(np.mean(pred_a == truth)), "accuracy_b": float(np.mean(pred_b == truth))}
+    for metric_name, metric in (("accuracy", stats.accuracy), ("macro_f1", stats.macro_f1)):
+        diff, low, high = stats.paired_bootstrap(truth, pred_a, pred_b, metric, resamples, seed=0)
+        row.update({f"{metric_name}_diff": diff, f"{metric_name}_diff_ci_low": low,
+                    f"{metric_name}_diff_ci_high": high})
+    only_a, only_b, p_value = stats.mcnemar(pred_a == truth, pred_b == truth)
+    row.update({"only_a_right": only_a, "only_b_right": only_b, "mcnemar_p": p_value, "note": ""})
+    return row
+
+
 def paired_comparisons(client: MlflowClient, runs: list, source: str, resamples: int) -> pd.DataFrame:
     """Every pair of backbones scored on the same images: accuracy and macro-F1 differences (a - b)
-    with paired-bootstrap 95% CIs, and McNemar's exact test on which images each got right."""
+    with paired-bootstrap 95% CIs, and McNemar's exact test on which images each got right; then the
+    ensemble of all rows (probabilities averaged per image) against each row."""
     splits = {"val" if source != "cv" else "oof": PREDICTIONS[source], "test": "predictions_test.csv"}
     rows = []
     for split, artifact in splits.items():
         frames = {run.data.params["backbone"]: _predictions(client, run, artifact) for run in runs}
         if any(frame is None for frame in frames.values()):
             continue
-        for (name_a, a), (name_b, b) in itertools.combinations(frames.items(), 2):
-            joined = a.merge(b, on=["source", "label"], suffixes=("_a", "_b"))
-            if len(joined) != len(a) or len(joined) != len(b):
-                rows.append({"split": split, "a": name_a, "b": name_b, "n_images": len(joined),
-                             "note": "not the same images; rerun both on the same data and split"})
-                continue
-            probability_columns = [c for c in a.columns if c.startswith("prob_")]
-            pred_a = joined[[f"{c}_a" for c in probability_columns]].to_numpy().argmax(axis=1)
-            pred_b = joined[[f"{c}_b" for c in probability_columns]].to_numpy().argmax(axis=1)
-            truth = joined["label"].to_numpy()
-            row = {"split": split, "a": name_a, "b": name_b, "n_images": len(joined)}
-            for metric_name, metric in (("accuracy", stats.accuracy), ("macro_f1", stats.macro_f1)):
-                diff, low, high = stats.paired_bootstrap(truth, pred_a, pred_b, metric, resamples, seed=0)
-                row.update({f"{metric_name}_diff": diff, f"{metric_name}_diff_ci_low": low,
-                            f"{metric_name}_diff_ci_high": high})
-            only_a, only_b, p_value = stats.mcnemar(pred_a == truth, pred_b == truth)
-            row.update({"only_a_right": only_a, "only_b_right": only_b, "mcnemar_p": p_value, "note": ""})
-            rows.append(row)
+        rows += [_pair(split, name_a, a, name_b, b, resamples)
+                 for (name_a, a), (name_b, b) in itertools.combinations(frames.items(), 2)]
+        ensemble = _ensemble(frames)
+        if ensemble is not None:
+            rows += [_pair(split, ENSEMBLE, ensemble, name, frame, resamples) for name, frame in frames.items()]
     return pd.DataFrame(rows)
 
 
@@ -253,7 +277,9 @@ def markdown(table: pd.DataFrame, title: str, pairs: pd.DataFrame | None = None,
     if pairs is not None and not pairs.empty:
         lines += ["", "## Paired comparisons (same images)", "",
                   "Difference a - b with a paired-bootstrap 95% CI over images; McNemar's exact test on the "
-                  "images only one of the two got right. A CI that includes 0 (or p >= 0.05) does not rank them."
+                  "images only one of the two got right. A CI that includes 0 (or p >= 0.05) does not rank them. "
+                  f"{ENSEMBLE!r}: every row's probabilities averaged per image, as `predict <run id>,<run id>,...` "
+                  "predicts; accuracy_a / accuracy_b: each side's own accuracy on these images."
                   + (" oof: out-of-fold predictions, every image scored once by the fold that held it out."
                      if source == "cv" else ""), ""]
         lines += _markdown_table(pairs)

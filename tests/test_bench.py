@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, roc_auc_score
 
 import backbones
-from benchmark import audit, bench, cli, intake, metrics, pipeline, probe, recipe, tracking
+from benchmark import audit, bench, cli, intake, metrics, pipeline, probe, recipe, report, tracking
 from benchmark.config import load_config
 from benchmark.model import adapt_batchnorm, build_classifier
 from benchmark.trainer import TrainingFailed, train_two_phase
@@ -56,7 +56,8 @@ def test_one_finished_run_and_row_per_backbone(benched):
     n = len(backbones.names())
     main_table, pairs_table = paths["md"].read_text().split("## Paired comparisons")
     assert main_table.count("\n| ") == n + 1  # header + one row each
-    assert pairs_table.count("\n| ") == n * (n - 1) // 2 + 1  # header + one row per pair
+    # header + one row per pair of backbones + the ensemble of all against each
+    assert pairs_table.count("\n| ") == 1 + n * (n - 1) // 2 + n
     for run in runs:
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.toml", "confusion_matrix_val.png", "training_curves.png", "model",
@@ -168,8 +169,6 @@ def test_report_runs_tables_the_runs_named_on_the_command_line(benched, tmp_path
 
 
 def test_report_runs_refuses_unknown_unfinished_and_same_backbone_runs(tmp_path):
-    from benchmark import report
-
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id = client.create_experiment("set")
 
@@ -475,8 +474,6 @@ def test_the_table_shows_this_commands_runs_when_a_command_beside_it_started_lat
     """Two benches on one store at once: the newest finished run per backbone would be the other
     command's, so each command's table comes from the runs it made (its champion is chosen from the
     same selection)."""
-    from benchmark import report
-
     made = {}
     train_and_log = recipe.train_and_log
 
@@ -534,8 +531,6 @@ def test_models_are_mlflow_models_and_the_best_is_the_registered_champion(benche
 
 
 def test_terminal_table_is_compact(benched):
-    from benchmark import report
-
     _, table, _, _ = benched
     text = report.terminal(table)
     lines = text.splitlines()
@@ -597,6 +592,15 @@ def test_cross_validation_parent_and_fold_runs_with_intervals_and_pairs(tmp_path
     assert (pairs.loc[0, "only_a_right"], pairs.loc[0, "only_b_right"]) == (only_a, only_b)
     assert pairs.loc[0, "mcnemar_p"] == pytest.approx(p)
     assert pairs.loc[0, "accuracy_diff"] == pytest.approx(right_a.mean() - right_b.mean())
+    assert (pairs.loc[0, "accuracy_a"], pairs.loc[0, "accuracy_b"]) == pytest.approx((right_a.mean(), right_b.mean()))
+    # The ensemble of both rows: their out-of-fold probabilities averaged per image, against each row.
+    averaged = (a[["prob_no", "prob_yes"]].to_numpy() + b[["prob_no", "prob_yes"]].to_numpy()) / 2
+    right_both = averaged.argmax(1) == a["label"]
+    ensemble = pairs[pairs["a"] == report.ENSEMBLE].set_index("b")
+    assert sorted(ensemble.index) == ["efficientnetb0", "vgg16"] and set(ensemble["split"]) == {"oof"}
+    assert ensemble.loc["vgg16", "accuracy_a"] == pytest.approx(right_both.mean())
+    assert ensemble.loc["vgg16", "accuracy_diff"] == pytest.approx(right_both.mean() - right_b.mean())
+    assert ensemble.loc["efficientnetb0", "only_a_right"] == int((right_both & ~right_a).sum())
 
     # The same command again trains nothing: every fold is found finished in MLflow with the same config,
     # reused and moved under the new parent, and the summary is the same.
