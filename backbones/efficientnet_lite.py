@@ -140,7 +140,7 @@ def source_state(variant: Variant) -> dict:
     path = Path(package.__file__).parent / "models" / variant.source_file
     if not path.is_file():
         raise WeightsUnavailable(f"{path}: missing from the installed package {variant.package}; reinstall it")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = _file_sha256(path)
     if digest != variant.source_sha256:
         raise WeightsUnavailable(
             f"{path}: SHA-256 {digest} is not the known {variant.source_sha256}; refusing to use it")

@@ -92,9 +92,11 @@ def image_files(paths: list[str]) -> list[Path]:
     return found
 
 
-def _load(path: Path):
+def _load(path: Path, sizes: list[int]):
+    """{input size: the image resized to it} for every size an ensemble's models take, or the error."""
     try:
-        return intake.load_rgb(path), ""
+        pixels = intake.load_rgb(path)
+        return {size: pipeline.resize(pixels, size) for size in sizes}, ""
     except intake.DataError as err:
         return None, str(err).removeprefix(f"{path}: ")
     except OSError as err:
@@ -116,15 +118,14 @@ def _load_models(model_paths: list[Path]) -> list[tuple]:
     return loaded
 
 
-def _ensemble_probabilities(ensemble: list[tuple], images: list[np.ndarray], batch_size: int, tta: bool):
+def _ensemble_probabilities(ensemble: list[tuple], images: list[dict], batch_size: int, tta: bool):
     """The mean over every model (and view) of an ensemble whose models may differ in input size:
-    each size's models see the images resized to it, and each model counts once."""
-    sizes = sorted({description["input_size"] for _, description, _ in ensemble})
+    each size's models see the images at that size (`_load`'s dicts), and each model counts once."""
     total = 0.0
-    for size in sizes:
+    for size in images[0]:
         members = [(model, spec.preprocess) for model, description, spec in ensemble
                    if description["input_size"] == size]
-        resized = np.stack([pipeline.resize(pixels, size) for pixels in images])
+        resized = np.stack([views[size] for views in images])
         total = total + len(members) * pipeline.ensemble_probabilities(members, resized, batch_size, tta)
     return total / len(ensemble)
 
@@ -140,18 +141,19 @@ def run(model_paths: Path | list[Path], paths: list[str], batch_size: int = 32, 
     if threshold is not None and len(classes) != 2:
         raise modelfile.ModelFileError(f"--threshold applies to 2-class models; {model_paths[0]} has {len(classes)}")
     threshold = threshold if threshold is not None else description.get("threshold")
+    sizes = sorted({member_description["input_size"] for _, member_description, _ in ensemble})
     files = image_files(paths)
     rows = []
     for start in range(0, len(files), CHUNK):
         chunk = files[start:start + CHUNK]
         with ThreadPoolExecutor(max_workers=intake.READ_THREADS) as pool:
-            loaded = list(pool.map(_load, chunk))
-        good = [(path, pixels) for path, (pixels, error) in zip(chunk, loaded) if not error]
-        probs = (_ensemble_probabilities(ensemble, [p for _, p in good], batch_size, tta)
+            loaded = list(pool.map(lambda p: _load(p, sizes), chunk))
+        good = [(path, views) for path, (views, error) in zip(chunk, loaded) if not error]
+        probs = (_ensemble_probabilities(ensemble, [views for _, views in good], batch_size, tta)
                  if good else np.zeros((0, len(classes))))
         maps = None
         if explain and good:
-            shown = np.stack([pipeline.resize(p, size) for _, p in good])  # at the first model's size
+            shown = np.stack([views[size] for _, views in good])  # at the first model's size
             maps = np.concatenate([
                 gradcam.heatmaps(model, spec, spec.preprocess(shown[i:i + batch_size].astype("float32")))
                 for i in range(0, len(shown), batch_size)])
