@@ -18,7 +18,14 @@ from .tracking import KIND_TAG, REGISTERED_TAG, register_champion
 HEADLINE = ["accuracy", "loss", "macro_f1", "roc_auc", "ece"]
 BINARY = ["sensitivity", "specificity", "target_threshold", "target_sensitivity", "target_specificity"]
 SOURCES = {"bench": "bench", "cv": "bench-cv", "sweep": "sweep-trial"}
-PREDICTIONS = {"bench": "predictions_val.csv", "cv": "predictions_oof.csv", "sweep": "predictions_val.csv"}
+# The prediction files paired_comparisons pairs, per split, for each kind of run: tta_*, the same
+# models with the test-time flip (absent when evaluate.tta was off; sweep trials never have it); a
+# cross-validation's test split is scored by its fold models together.
+_ONE_SPLIT = {"val": "predictions_val.csv", "tta_val": "predictions_tta_val.csv",
+              "test": "predictions_test.csv", "tta_test": "predictions_tta_test.csv"}
+PREDICTIONS = {"bench": _ONE_SPLIT, "sweep": _ONE_SPLIT,
+               "cv": {"oof": "predictions_oof.csv", "tta_oof": "predictions_tta_oof.csv",
+                      "test": "predictions_ensemble_test.csv"}}
 
 
 def _trial_rank(run) -> tuple[float, int]:
@@ -214,10 +221,10 @@ def _pair(split: str, name_a: str, a: pd.DataFrame, name_b: str, b: pd.DataFrame
 def paired_comparisons(client: MlflowClient, runs: list, source: str, resamples: int) -> pd.DataFrame:
     """Every pair of backbones scored on the same images: accuracy and macro-F1 differences (a - b)
     with paired-bootstrap 95% CIs, and McNemar's exact test on which images each got right; then the
-    ensemble of all rows (probabilities averaged per image) against each row."""
-    splits = {"val" if source != "cv" else "oof": PREDICTIONS[source], "test": "predictions_test.csv"}
+    ensemble of all rows (probabilities averaged per image) against each row; per split of
+    PREDICTIONS that every run has, with and without the flip."""
     rows = []
-    for split, artifact in splits.items():
+    for split, artifact in PREDICTIONS[source].items():
         frames = {run.data.params["backbone"]: _predictions(client, run, artifact) for run in runs}
         if any(frame is None for frame in frames.values()):
             continue
@@ -279,9 +286,10 @@ def markdown(table: pd.DataFrame, title: str, pairs: pd.DataFrame | None = None,
                   "Difference a - b with a paired-bootstrap 95% CI over images; McNemar's exact test on the "
                   "images only one of the two got right. A CI that includes 0 (or p >= 0.05) does not rank them. "
                   f"{ENSEMBLE!r}: every row's probabilities averaged per image, as `predict <run id>,<run id>,...` "
-                  "predicts; accuracy_a / accuracy_b: each side's own accuracy on these images."
-                  + (" oof: out-of-fold predictions, every image scored once by the fold that held it out."
-                     if source == "cv" else ""), ""]
+                  "predicts; accuracy_a / accuracy_b: each side's own accuracy on these images. tta_<split>: "
+                  "the same with each image and its flip averaged (`predict --tta`)."
+                  + (" oof: out-of-fold predictions, every image scored once by the fold that held it out; "
+                     "test: scored by each row's fold models together." if source == "cv" else ""), ""]
         lines += _markdown_table(pairs)
     return "\n".join(lines) + "\n"
 

@@ -56,8 +56,8 @@ def test_one_finished_run_and_row_per_backbone(benched):
     n = len(backbones.names())
     main_table, pairs_table = paths["md"].read_text().split("## Paired comparisons")
     assert main_table.count("\n| ") == n + 1  # header + one row each
-    # header + one row per pair of backbones + the ensemble of all against each
-    assert pairs_table.count("\n| ") == 1 + n * (n - 1) // 2 + n
+    # header + one row per pair of backbones + the ensemble of all against each, without and with the flip
+    assert pairs_table.count("\n| ") == 1 + 2 * (n * (n - 1) // 2 + n)
     for run in runs:
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.toml", "confusion_matrix_val.png", "training_curves.png", "model",
@@ -597,10 +597,19 @@ def test_cross_validation_parent_and_fold_runs_with_intervals_and_pairs(tmp_path
     averaged = (a[["prob_no", "prob_yes"]].to_numpy() + b[["prob_no", "prob_yes"]].to_numpy()) / 2
     right_both = averaged.argmax(1) == a["label"]
     ensemble = pairs[pairs["a"] == report.ENSEMBLE].set_index("b")
-    assert sorted(ensemble.index) == ["efficientnetb0", "vgg16"] and set(ensemble["split"]) == {"oof"}
-    assert ensemble.loc["vgg16", "accuracy_a"] == pytest.approx(right_both.mean())
-    assert ensemble.loc["vgg16", "accuracy_diff"] == pytest.approx(right_both.mean() - right_b.mean())
-    assert ensemble.loc["efficientnetb0", "only_a_right"] == int((right_both & ~right_a).sum())
+    assert sorted(ensemble.index.unique()) == ["efficientnetb0", "vgg16"]
+    assert list(ensemble["split"]) == ["oof", "oof", "tta_oof", "tta_oof"]
+    plain = ensemble[ensemble["split"] == "oof"]
+    assert plain.loc["vgg16", "accuracy_a"] == pytest.approx(right_both.mean())
+    assert plain.loc["vgg16", "accuracy_diff"] == pytest.approx(right_both.mean() - right_b.mean())
+    assert plain.loc["efficientnetb0", "only_a_right"] == int((right_both & ~right_a).sum())
+    # ... and with the flip: both rows' predictions_tta_oof.csv averaged.
+    flipped = [_artifact_frame(client, parent.info.run_id, "predictions_tta_oof.csv", tmp_path / f"tta-{i}")
+               .sort_values("source").reset_index(drop=True) for i, parent in enumerate(parents)]
+    averaged_flip = (flipped[0][["prob_no", "prob_yes"]].to_numpy() + flipped[1][["prob_no", "prob_yes"]].to_numpy()) / 2
+    assert not np.allclose(averaged_flip, averaged)  # the flip changed the probabilities: a real second check
+    with_flip = ensemble[ensemble["split"] == "tta_oof"]
+    assert with_flip.loc["vgg16", "accuracy_a"] == pytest.approx(np.mean(averaged_flip.argmax(1) == flipped[0]["label"]))
 
     # The same command again trains nothing: every fold is found finished in MLflow with the same config,
     # reused and moved under the new parent, and the summary is the same.
