@@ -55,9 +55,14 @@ def _no_serving_rehearsal(request, monkeypatch):
     if that fails: about 5 s a model here, a third of the CV test's time. Tests skip that rehearsal,
     except those marked `serving_rehearsal`, which check that it passes."""
     if request.node.get_closest_marker("serving_rehearsal") is None:
-        import mlflow.models.utils
+        skip_serving_rehearsal(monkeypatch)
 
-        monkeypatch.setattr(mlflow.models.utils, "_validate_serving_input", lambda model_uri, serving_input: None)
+
+def skip_serving_rehearsal(monkeypatch) -> None:
+    """Also for module-scoped fixtures, which run before the function-scoped autouse ones."""
+    import mlflow.models.utils
+
+    monkeypatch.setattr(mlflow.models.utils, "_validate_serving_input", lambda model_uri, serving_input: None)
 
 
 def write_image(path: Path, mode: str = "L", size=(24, 20), seed: int = 0, fmt: str | None = None) -> Path:

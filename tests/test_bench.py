@@ -21,7 +21,7 @@ from benchmark import audit, bench, cli, intake, metrics, pipeline, probe, recip
 from benchmark.config import load_config
 from benchmark.model import adapt_batchnorm, build_classifier
 from benchmark.trainer import TrainingFailed, train_two_phase
-from conftest import clean_env, image_folder
+from conftest import clean_env, image_folder, skip_serving_rehearsal
 
 TINY = [
     "data.phantom_per_class=5", "data.phantom_size=32", "data.val_fraction=0.4",
@@ -40,7 +40,10 @@ def benched(tmp_path_factory):
     (a model file per backbone) is removed after this module, not at the end of the session."""
     tmp = tmp_path_factory.mktemp("bench")
     config = tiny_config(tmp, f"model.backbones={json.dumps(backbones.names())}")
-    table, paths, name = bench.run(config)
+    with pytest.MonkeyPatch.context() as monkeypatch:  # what the autouse fixtures do for each test
+        monkeypatch.setenv("TUMORBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        skip_serving_rehearsal(monkeypatch)
+        table, paths, name = bench.run(config)
     yield config, table, paths, name
     shutil.rmtree(tmp, ignore_errors=True)
 
