@@ -56,7 +56,8 @@ def finished_fold(config, prepared: recipe.Prepared, name: str, experiment: str,
         f"params.backbone = '{name}' and params.data_fingerprint = '{prepared.dataset.fingerprint}' and "
         f"params.recipe_version = '{recipe.RECIPE_VERSION}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"])
-    wanted = fold_recipe(config.to_toml())
+    own_size = backbones.get(name).input_size
+    wanted = fold_recipe(config.to_toml(), own_size)
     dataset = prepared.dataset
     for run in runs:
         if run.data.tags.get(tracking.MEMBER_TAG, "1") != str(member + 1):
@@ -64,7 +65,7 @@ def finished_fold(config, prepared: recipe.Prepared, name: str, experiment: str,
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 saved = Path(client.download_artifacts(run.info.run_id, "config.toml", tmp)).read_text()
-                if fold_recipe(saved) != wanted:
+                if fold_recipe(saved, own_size) != wanted:
                     continue
                 artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
                 splits = ["val"] + (["test"] if "predictions_test.csv" in artifacts else [])

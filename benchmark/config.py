@@ -337,15 +337,17 @@ NOT_FOLD_RECIPE = (("data", "only_folds"), ("model", "backbones"), ("train", "me
                    ("evaluate", "far_distance"), ("tracking", "uri"), ("tracking", "results_dir"))
 
 
-def fold_recipe(toml_text: str) -> dict | None:
+def fold_recipe(toml_text: str, own_input_size: int) -> dict | None:
     """A saved (or this) config as the values that decide what one fold's run computes. A key the
     saved config lacks (a setting added since, whose default keeps the old behaviour) counts at its
-    default; a saved key that no longer exists makes it match nothing (None)."""
+    default; a saved key that no longer exists makes it match nothing (None). model.input_size = 0
+    counts as the size it stands for, the backbone's own (`own_input_size`)."""
     config = Config()
     try:
         _merge(config, tomllib.loads(toml_text), "saved config")
     except (ConfigError, tomllib.TOMLDecodeError):
         return None
+    config.model.input_size = config.model.input_size or own_input_size
     values = config.to_dict()
     for section, key in NOT_FOLD_RECIPE:
         values[section].pop(key)

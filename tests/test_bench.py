@@ -609,10 +609,11 @@ def test_cross_validation_parent_and_fold_runs_with_intervals_and_pairs(tmp_path
     # ... and with the flip: both rows' predictions_tta_oof.csv averaged.
     flipped = [_artifact_frame(client, parent.info.run_id, "predictions_tta_oof.csv", tmp_path / f"tta-{i}")
                .sort_values("source").reset_index(drop=True) for i, parent in enumerate(parents)]
-    averaged_flip = (flipped[0][["prob_no", "prob_yes"]].to_numpy() + flipped[1][["prob_no", "prob_yes"]].to_numpy()) / 2
+    averaged_flip = np.mean([frame[["prob_no", "prob_yes"]].to_numpy() for frame in flipped], axis=0)
     assert not np.allclose(averaged_flip, averaged)  # the flip changed the probabilities: a real second check
     with_flip = ensemble[ensemble["split"] == "tta_oof"]
-    assert with_flip.loc["vgg16", "accuracy_a"] == pytest.approx(np.mean(averaged_flip.argmax(1) == flipped[0]["label"]))
+    right_flip = averaged_flip.argmax(1) == flipped[0]["label"]
+    assert with_flip.loc["vgg16", "accuracy_a"] == pytest.approx(right_flip.mean())
 
     # The same command again trains nothing: every fold is found finished in MLflow with the same config,
     # reused and moved under the new parent, and the summary is the same.

@@ -112,16 +112,21 @@ def test_fold_reuse_compares_configs_with_defaults_filled_in():
     saved = tomllib.loads(config.to_toml())
     del saved["train"]["patience"], saved["data"]["only_folds"]  # as an older version wrote it
 
-    assert fold_recipe(to_toml(saved)) == fold_recipe(config.to_toml())
+    assert fold_recipe(to_toml(saved), 224) == fold_recipe(config.to_toml(), 224)
     alone = load_config(None, ["data.folds=5", "train.lr2=2e-4", 'model.backbones=["resnet50"]'])
     assert alone.model.backbones != config.model.backbones
-    assert fold_recipe(alone.to_toml()) == fold_recipe(config.to_toml())
+    assert fold_recipe(alone.to_toml(), 224) == fold_recipe(config.to_toml(), 224)
     more = load_config(None, ["data.folds=5", "train.lr2=2e-4", "train.members=3"])  # member 1 of 3 is this fold
-    assert fold_recipe(more.to_toml()) == fold_recipe(config.to_toml())
+    assert fold_recipe(more.to_toml(), 224) == fold_recipe(config.to_toml(), 224)
     elsewhere = load_config(None, ["data.folds=5", "train.lr2=2e-4", 'tracking.uri="sqlite:////else/mlflow.db"',
                                    'tracking.results_dir="/else"', "evaluate.far_distance=40"])  # the parent's scoring
-    assert fold_recipe(elsewhere.to_toml()) == fold_recipe(config.to_toml())
-    assert fold_recipe(load_config(None, ["data.folds=5", "train.lr2=3e-4"]).to_toml()) != fold_recipe(config.to_toml())
+    assert fold_recipe(elsewhere.to_toml(), 224) == fold_recipe(config.to_toml(), 224)
+    other_lr = load_config(None, ["data.folds=5", "train.lr2=3e-4"])
+    assert fold_recipe(other_lr.to_toml(), 224) != fold_recipe(config.to_toml(), 224)
+    # The backbone's own size (model.input_size = 0) and that size named are the same recipe; another is not.
+    own, named = (load_config(None, ["data.folds=5", "train.lr2=2e-4", f"model.input_size={size}"]).to_toml()
+                  for size in (0, 260))
+    assert fold_recipe(own, 260) == fold_recipe(named, 260) != fold_recipe(own, 224)
     saved["train"]["retired_setting"] = 1
-    assert fold_recipe(to_toml(saved)) is None
-    assert fold_recipe("not [valid") is None
+    assert fold_recipe(to_toml(saved), 224) is None
+    assert fold_recipe("not [valid", 224) is None
