@@ -92,6 +92,10 @@ class TrainConfig:
     # statistics and updates them, adapting them to MRI (a base trained from scratch always trains them).
     batchnorm: str = "frozen"
     schedule2: str = "plateau"  # phase 2 learning rate: plateau (ReduceLROnPlateau) | cosine (decay to 0)
+    # The weights a run ends with: "best", those of the epoch with the lowest validation loss (the
+    # probe's included), which picks on the images that then score it; "last", phase 2's last epoch,
+    # run to the end without early stopping, so the validation images choose nothing.
+    keep: str = "best"
     class_weights: bool = True
     verbose: int = 2  # Keras progress display: 0 silent, 1 bar, 2 one line per epoch
     # Frozen layers computed once and cached (0: stream every epoch through the whole model, as the
@@ -266,6 +270,7 @@ RULES: dict[str, tuple] = {
     "train.weight_decay": (_at_least(0), ">= 0"),
     "train.label_smoothing": (lambda v: 0 <= v < 1, "0 <= label_smoothing < 1"),
     "train.schedule2": _one_of("plateau", "cosine"),
+    "train.keep": _one_of("best", "last"),
     "train.batchnorm": _one_of("frozen", "train"),
     "train.verbose": _one_of(0, 1, 2),
     "train.cache_views": (_at_least(0), ">= 0 (0: stream)"),

@@ -180,6 +180,7 @@ def _log_params(config, prepared: Prepared, spec, size: int, weights_used: str, 
     mlflow.log_params({
         "backbone": spec.name, "input_size": size, "weights": weights_used, "weights_requested": model.weights,
         "preprocessing": spec.preprocessing, "lr1": train.lr1, "lr2": train.lr2, "unfreeze": train.unfreeze,
+        "schedule2": train.schedule2, "keep": train.keep,
         "epochs1": train.epochs1, "epochs2": train.epochs2, "batch_size": train.batch_size,
         "augmentation": _augment_summary(config.augment), "class_weights": train.class_weights,
         "cache_views": train.cache_views, "label_smoothing": train.label_smoothing,

@@ -93,7 +93,7 @@ class KeepBest(keras.callbacks.Callback):
 class TrainResult:
     epochs: list[dict] = field(default_factory=list)  # one dict per epoch: epoch, phase, metrics
     phase2_start: int = 0  # first epoch number of phase 2
-    best_epoch: int = -1
+    best_epoch: int = -1  # the epoch whose weights the model ends with (train.keep)
     unfrozen: list[str] = field(default_factory=list)
     trainable_params: int = 0
     seconds: float = 0.0
@@ -159,13 +159,15 @@ def train_two_phase(model, base, spec, feed, train_config, n_classes: int, callb
     uses cosine decay of lr2 over its epochs when `schedule2 = "cosine"`, else ReduceLROnPlateau;
     AdamW when `weight_decay` > 0. With `head_ready` the head was already fitted (the linear probe):
     phase 1 is skipped, and that starting point counts as a candidate for the best weights, so
-    fine-tuning can't end on weights with a higher validation loss than the probe's.
+    fine-tuning can't end on weights with a higher validation loss than the probe's. With `keep =
+    "last"` phase 2 runs all its epochs and ends on the last one's weights instead (best_epoch
+    then names that epoch).
     """
     cfg = train_config
     result = TrainResult()
     keep_best, nan_guard = KeepBest(model), FailOnNaN()
     started = time.perf_counter()
-    epoch = 0
+    epoch, kept_epoch = 0, -1  # -1: the probe's head, before any epoch
     every_group = len(spec.group_names)
     phases = [(1, every_group if from_scratch else 0, cfg.lr1, cfg.epochs1),
               (2, every_group if from_scratch else cfg.unfreeze, cfg.lr2, cfg.epochs2)]
@@ -190,6 +192,7 @@ def train_two_phase(model, base, spec, feed, train_config, n_classes: int, callb
         if phase == 2 and head_ready and epoch == 0:
             keep_best.consider(model, fit_model, val_data, n_classes, epoch=-1, label_smoothing=cfg.label_smoothing)
         cosine = phase == 2 and cfg.schedule2 == "cosine"
+        keep_last = phase == 2 and cfg.keep == "last"
         decay_steps = epochs * _batches_per_epoch(train_data) if cosine else 0
         compile_model(fit_model, n_classes, make_optimizer(learning_rate, cfg.weight_decay if phase == 2 else 0.0,
                                                            decay_steps), cfg.jit_compile, cfg.eager,
@@ -213,7 +216,7 @@ def train_two_phase(model, base, spec, feed, train_config, n_classes: int, callb
             callbacks=[
                 nan_guard,
                 keep_best,
-                keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience),
+                *([] if keep_last else [keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience)]),
                 *([] if cosine else [keras.callbacks.ReduceLROnPlateau(
                     monitor="val_loss", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr)]),
                 *scoring,
@@ -228,8 +231,12 @@ def train_two_phase(model, base, spec, feed, train_config, n_classes: int, callb
             logs = {k: float(v[history.epoch.index(number)]) for k, v in history.history.items()}
             result.epochs.append({"epoch": number, "phase": phase, **logs})
         epoch = (history.epoch[-1] + 1) if history.epoch else epoch
-        keep_best.restore()
+        if keep_last:
+            kept_epoch = epoch - 1
+        else:
+            keep_best.restore()
+            kept_epoch = keep_best.best_epoch
         result.phase_seconds[phase] = time.perf_counter() - phase_started
-    result.best_epoch = keep_best.best_epoch
+    result.best_epoch = kept_epoch
     result.seconds = time.perf_counter() - started
     return result
