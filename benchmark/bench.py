@@ -269,7 +269,9 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
                            "data_fingerprint": first.dataset.fingerprint,
                            "class_names": json.dumps(first.dataset.class_names),
                            "group_duplicates": config.data.group_duplicates,
-                           "n_images": sum(len(folds[n - 1].parts["val"]) for n in numbers)})
+                           "n_images": sum(len(folds[n - 1].parts["val"]) for n in numbers),
+                           tracking.SCORED_ON: intake.scored_on([folds[n - 1].parts["val"] for n in numbers]
+                                                                + [first.parts.get("test", [])])})
         mlflow.log_text(config.to_toml(), "config.toml")
         recipe.log_excluded(first)
         summary = {}

@@ -259,6 +259,12 @@ def samples_hash(samples: list[Sample]) -> str:
     return hashlib.sha256("\n".join(f"{s.source}\t{s.label}" for s in samples).encode()).hexdigest()[:16]
 
 
+def scored_on(held_out: list[list[Sample]]) -> str:
+    """Which images a run scored, held out together how (one split's validation and test; each fold
+    of a cross-validation): two runs' figures compare only when this is equal."""
+    return hashlib.sha256(" ".join(samples_hash(part) for part in held_out).encode()).hexdigest()[:16]
+
+
 def _fingerprint(entries: list[tuple[str, str]]) -> str:
     digest = hashlib.sha256()
     for rel, content_hash in sorted(entries):

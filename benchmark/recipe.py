@@ -191,6 +191,7 @@ def _log_params(config, prepared: Prepared, spec, size: int, weights_used: str, 
         "n_train": len(prepared.parts["train"]), "n_val": len(prepared.parts["val"]),
         "n_test": len(prepared.parts.get("test", [])), "group_duplicates": config.data.group_duplicates,
         "duplicate_distance": config.data.duplicate_distance, "recipe_version": RECIPE_VERSION,
+        tracking.SCORED_ON: intake.scored_on([prepared.parts["val"], prepared.parts.get("test", [])]),
     })
     mlflow.log_text(config.to_toml(), "config.toml")
     log_excluded(prepared)

@@ -13,7 +13,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from . import plots, stats
-from .tracking import KIND_TAG, REGISTERED_TAG, register_champion
+from .tracking import KIND_TAG, REGISTERED_TAG, SCORED_ON, register_champion
 
 HEADLINE = ["accuracy", "loss", "macro_f1", "roc_auc", "ece"]
 BINARY = ["sensitivity", "specificity", "target_threshold", "target_sensitivity", "target_specificity"]
@@ -39,8 +39,10 @@ def _trial_rank(run) -> tuple[float, int]:
 def select_runs(client: MlflowClient, experiment_name: str, source: str = "bench", made=(), only=()) -> list:
     """Per backbone: the run among `made` (the runs the calling command just made), else the newest
     finished `bench` (or cross-validated `cv`) run, or the best finished `sweep` trial. `made` wins
-    because a command that started later, beside this one, would otherwise fill its table. `only`:
-    exactly these runs (`report --runs`), one per backbone, e.g. several backbones on one split."""
+    because a command that started later, beside this one, would otherwise fill its table. Only runs
+    scored on the same held-out images as `made` (else as the newest of them) join it: a backbone
+    last run on other folds or another split is left out, with a line saying so. `only`: exactly
+    these runs (`report --runs`), one per backbone, e.g. several backbones on one split."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise LookupError(f"MLflow has no experiment {experiment_name!r}; run `make bench` for that data first")
@@ -60,6 +62,14 @@ def select_runs(client: MlflowClient, experiment_name: str, source: str = "bench
     chosen.update({run.data.params.get("backbone"): run for run in runs if run.info.run_id in made})
     if not chosen:
         raise LookupError(f"experiment {experiment_name!r} has no finished {source} runs")
+    anchor = next((run for run in runs if run.info.run_id in made), None) or max(
+        chosen.values(), key=lambda run: run.info.start_time)
+    for name in sorted(chosen):
+        run = chosen[name]
+        if run.data.params.get(SCORED_ON) != anchor.data.params.get(SCORED_ON):
+            print(f"left out of the table: {name} run {run.info.run_id}, scored on other held-out images "
+                  f"(other folds or split) than run {anchor.info.run_id}", flush=True)
+            del chosen[name]
     return [chosen[name] for name in sorted(chosen)]
 
 

@@ -27,6 +27,7 @@ MEMBER_TAG = "tumorbench.member"  # 1-based seed-ensemble member of a fold run (
 MODEL_URI_TAG = "tumorbench.model_uri"  # the run's MLflow model (models:/<id>)
 REGISTERED_TAG = "tumorbench.registered"  # "<registered name> v<version>" when the run became a champion
 CHAMPION = "champion"
+SCORED_ON = "scored_on"  # param: intake.scored_on of the run's held-out images (absent before it existed)
 PACKAGES = ("tensorflow", "keras", "numpy", "scikit-learn", "mlflow", "optuna", "tumorbench")
 # The user's setting, read once: mlflow.set_tracking_uri() writes this variable itself, so reading
 # it later would return our own last choice instead of the user's.

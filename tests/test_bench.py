@@ -54,6 +54,7 @@ def test_one_finished_run_and_row_per_backbone(benched):
     runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
     assert sorted(r.data.params["backbone"] for r in runs) == backbones.names()
     assert all(r.info.status == "FINISHED" for r in runs)
+    assert len({r.data.params[tracking.SCORED_ON] for r in runs}) == 1  # one split: one table
     assert sorted(table["backbone"]) == backbones.names()
     assert list(table["input_px"]) == [str(config.model.input_size)] * len(table)  # the protocol, in the table
     n = len(backbones.names())
@@ -197,6 +198,25 @@ def test_report_runs_refuses_unknown_unfinished_and_same_backbone_runs(tmp_path)
     assert [r.info.run_id for r in report.select_runs(client, "set", source="cv", only=[parent])] == [parent]
     with pytest.raises(LookupError, match=f"runs {old_vgg} and {new_vgg} are both vgg16"):
         report.select_runs(client, "set", only=[old_vgg, new_vgg])
+
+
+def test_a_table_joins_only_runs_scored_on_the_same_held_out_images(tmp_path, capsys):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("set")
+
+    def run(backbone, scored_on):
+        made = client.create_run(experiment_id, tags={tracking.KIND_TAG: "bench"})
+        client.log_param(made.info.run_id, "backbone", backbone)
+        client.log_param(made.info.run_id, tracking.SCORED_ON, scored_on)
+        client.set_terminated(made.info.run_id, "FINISHED")
+        return made.info.run_id
+
+    vgg16, lite0, resnet50 = run("vgg16", "split-a"), run("efficientnet_lite0", "split-b"), run("resnet50", "split-a")
+    # The newest run (resnet50's) sets the images: lite0, last run on another split, is left out, said so.
+    assert [r.info.run_id for r in report.select_runs(client, "set")] == [resnet50, vgg16]
+    assert f"left out of the table: efficientnet_lite0 run {lite0}, scored on other" in capsys.readouterr().out
+    # A command's own run sets them.
+    assert [r.info.run_id for r in report.select_runs(client, "set", made=[lite0])] == [lite0]
 
 
 def _tiny_parts(tmp_path, mode="binary"):
@@ -581,6 +601,8 @@ def test_cross_validation_parent_and_fold_runs_with_intervals_and_pairs(tmp_path
     client = MlflowClient(tracking.tracking_uri(config.tracking))
     experiment = client.get_experiment_by_name(name).experiment_id
     assert list(partial["folds"]) == ["1+3 of 3", "1+3 of 3"]
+    partial_scored_on = {client.get_run(run_id).data.params[tracking.SCORED_ON] for run_id in partial["run_id"]}
+    assert len(partial_scored_on) == 1
     assert (partial["registered"] == "").all()  # part of a CV is never the champion
     first_two = {}
     for row in partial.itertuples():
@@ -593,6 +615,8 @@ def test_cross_validation_parent_and_fold_runs_with_intervals_and_pairs(tmp_path
     assert (table["registered"] != "").sum() == 1  # the whole CV's best backbone is
     parents = [client.get_run(run_id) for run_id in table["run_id"]]
     assert sorted(p.data.params["backbone"] for p in parents) == ["efficientnetb0", "vgg16"]
+    # all three folds are other held-out images than folds 1 and 3: the partial parents stay out of its tables
+    assert len({p.data.params[tracking.SCORED_ON] for p in parents} | partial_scored_on) == 2
     out_of_fold = {}
     for parent in parents:
         children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
