@@ -94,7 +94,8 @@ class TrainConfig:
     schedule2: str = "plateau"  # phase 2 learning rate: plateau (ReduceLROnPlateau) | cosine (decay to 0)
     # The weights a run ends with: "best", those of the epoch with the lowest validation loss (the
     # probe's included), which picks on the images that then score it; "last", phase 2's last epoch,
-    # run to the end without early stopping, so the validation images choose nothing.
+    # run to the end without early stopping: with head_init = "probe" and schedule2 = "cosine" the
+    # validation images then choose nothing.
     keep: str = "best"
     class_weights: bool = True
     verbose: int = 2  # Keras progress display: 0 silent, 1 bar, 2 one line per epoch
