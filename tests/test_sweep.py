@@ -17,7 +17,7 @@ from conftest import clean_env
 TINY = [
     "data.phantom_per_class=5", "data.phantom_size=32", "data.val_fraction=0.4", 'model.weights="none"',
     "model.input_size=32", 'model.backbones=["vgg16"]', "train.epochs1=1", "train.epochs2=1",
-    "train.batch_size=8", "train.verbose=0", "sweep.unfreeze=[0, 2]", "sweep.head_units=[8, 32]",
+    "train.batch_size=8", "train.verbose=0", "train.eager=true", "sweep.unfreeze=[0, 2]", "sweep.head_units=[8, 32]",
 ]
 STATES = optuna.trial.TrialState
 
