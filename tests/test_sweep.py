@@ -174,7 +174,7 @@ def test_two_workers_share_one_postgres_study(tmp_path, hold):
     however slowly either starts."""
     optuna_url, mlflow_url = _postgres_urls()
     folder, plugin = hold
-    overrides = tiny(tmp_path, "sweep.trials=4", f'sweep.storage="{optuna_url}"', f'tracking.uri="{mlflow_url}"',
+    overrides = tiny(tmp_path, "sweep.trials=2", f'sweep.storage="{optuna_url}"', f'tracking.uri="{mlflow_url}"',
                      *plugin)
     try:
         optuna.delete_study(study_name="phantoms-4class-hold_net", storage=optuna_url)  # from an earlier run
@@ -187,7 +187,7 @@ def test_two_workers_share_one_postgres_study(tmp_path, hold):
     assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     study = optuna.load_study(study_name="phantoms-4class-hold_net", storage=optuna_url)
     numbers = [t.number for t in study.trials]
-    assert len(numbers) == len(set(numbers)) and len(numbers) >= 4
+    assert len(numbers) == len(set(numbers)) and len(numbers) >= 2
     assert all(t.state == STATES.COMPLETE for t in study.trials)
     assert all(f"(worker {i})" in out for i, out in enumerate(outputs))
     worked = [out.count("-- phantoms-4class-hold_net trial") for out in outputs]
