@@ -156,6 +156,7 @@ def comparison_table(runs: list, source: str = "bench") -> pd.DataFrame:
 
 
 PROBE = ["accuracy", "macro_f1"]
+FOLDS_BELOW_PROBE = "folds_below_probe"  # a cross-validated parent's metric (bench.folds_below_probe)
 
 
 def _add_scored_as(row: dict, m: dict, source: str, prefix: str) -> None:
@@ -180,6 +181,8 @@ def _add_probe(row: dict, m: dict, source: str) -> None:
     if "probe_val_accuracy" in row:
         below = [name for name in PROBE if row.get(f"val_{name}", np.nan) < row[f"probe_val_{name}"]]
         row["vs_probe"] = ("BELOW PROBE: " + ", ".join(below)) if below else "above or equal"
+        if m.get(FOLDS_BELOW_PROBE):  # cross-validation: folds below it, which a mean above it hides
+            row["vs_probe"] += f"; folds below it: {int(m[FOLDS_BELOW_PROBE])}"
     else:
         row["vs_probe"] = "no probe (scratch)" if row.get("weights") == "scratch" else "no probe"
 
@@ -327,7 +330,7 @@ def terminal(table: pd.DataFrame, source: str = "bench") -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     lines = ["  ".join(text.ljust(width) for text, width in zip(r, widths)).rstrip() for r in rows]
     flagged = [f"{row['backbone']}: {row['vs_probe']}" for _, row in table.iterrows()
-               if str(row.get("vs_probe", "")).startswith("BELOW")]
+               if str(row.get("vs_probe", "")).startswith("BELOW") or "folds below" in str(row.get("vs_probe", ""))]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], *flagged]) + "\n"
 
 

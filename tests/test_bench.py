@@ -200,6 +200,39 @@ def test_report_runs_refuses_unknown_unfinished_and_same_backbone_runs(tmp_path)
         report.select_runs(client, "set", only=[old_vgg, new_vgg])
 
 
+def test_probe_flags_say_which_rows_and_how_many_folds_ended_below_their_probe(tmp_path):
+    """A fine-tuned model below its own linear probe is a recipe bug: flagged on the mean, and on
+    the folds a mean above the probe hides."""
+    fold = {"val": {"accuracy": 0.90, "macro_f1": 0.88}, "probe_val": {"accuracy": 0.85, "macro_f1": 0.84}}
+    worse_f1 = {"val": {"accuracy": 0.90, "macro_f1": 0.80}, "probe_val": {"accuracy": 0.85, "macro_f1": 0.84}}
+    level = {"val": {"accuracy": 0.85, "macro_f1": 0.84}, "probe_val": {"accuracy": 0.85, "macro_f1": 0.84}}
+    assert bench.folds_below_probe([fold, worse_f1, level, worse_f1]) == 2  # equal is not below
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("set")
+
+    def parent(backbone, accuracy, probe, below=None):
+        made = client.create_run(experiment_id, tags={tracking.KIND_TAG: "bench-cv"})
+        for key, value in {"backbone": backbone, "weights": "imagenet", "folds": 5, "n_images": 20,
+                           "class_names": json.dumps(["no", "yes"])}.items():
+            client.log_param(made.info.run_id, key, value)
+        for name in report.PROBE:
+            client.log_metric(made.info.run_id, f"val_{name}_mean", accuracy)
+            client.log_metric(made.info.run_id, f"probe_val_{name}_mean", probe)
+        if below is not None:
+            client.log_metric(made.info.run_id, report.FOLDS_BELOW_PROBE, below)
+        return client.get_run(made.info.run_id)
+
+    runs = [parent("vgg16", 0.8, 0.9), parent("resnet50", 0.9, 0.8, below=2),
+            parent("efficientnetb0", 0.9, 0.8, below=0)]
+    table = report.comparison_table(runs, "cv").set_index("backbone")
+    assert table.loc["vgg16", "vs_probe"] == "BELOW PROBE: accuracy, macro_f1"
+    assert table.loc["resnet50", "vs_probe"] == "above or equal; folds below it: 2"
+    assert table.loc["efficientnetb0", "vs_probe"] == "above or equal"
+    flagged = report.terminal(table.reset_index(), "cv").splitlines()[-2:]
+    assert flagged == ["vgg16: BELOW PROBE: accuracy, macro_f1", "resnet50: above or equal; folds below it: 2"]
+
+
 def test_a_table_joins_only_runs_scored_on_the_same_held_out_images(tmp_path, capsys):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id = client.create_experiment("set")
