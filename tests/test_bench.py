@@ -453,47 +453,43 @@ def test_batchnorm_trained_from_scratch_forgets_its_initial_statistics_within_an
     assert momenta == ({0.9} if weights == "none" else {0.99})
 
 
-@pytest.mark.parametrize("name", backbones.names())
-def test_best_epoch_outputs_are_what_the_restored_model_predicts(name, tmp_path):
-    """A sweep trial is scored from the validation outputs its best epoch had; they must be the
-    restored model's predictions on the images (the cache stores the frozen prefix as float16)."""
+def _train_tiny_and_predict(tmp_path, name: str, *overrides) -> tuple:
+    """Both phases of `name` (random init, 32 px) on two tiny classes, with every epoch's validation
+    outputs kept; and what the model it ends with predicts on the validation images."""
     spec = backbones.get(name)
     dataset, parts = _tiny_parts(tmp_path)
     prepared = recipe.Prepared(dataset, parts, "tiny", "tiny")
-    config = load_config(None, ["train.epochs1=2", "train.epochs2=2", "train.lr1=1e-2", "train.lr2=1e-3",
-                                "train.unfreeze=1", "train.verbose=0", "train.batch_size=4", "train.cache_views=2"])
+    config = load_config(None, ["train.lr1=1e-2", "train.unfreeze=1", "train.verbose=0", "train.batch_size=4",
+                                "train.cache_views=2", *overrides])
     keras.utils.set_random_seed(0)
     base, _ = backbones.build_base(spec, 32, "none")
     model = build_classifier(base, 32, 2, 8, 0.0)
     feed = recipe.make_feed(config, prepared, spec, 32, "none", config.seed)
     labels = [s.label for s in parts["val"]]
     result = train_two_phase(model, base, spec, feed, config.train, 2, score=("accuracy", labels, dataset.class_names))
+    return result, recipe._predict(model, dataset, parts["val"], spec, 32, 4)
+
+
+@pytest.mark.parametrize("name", backbones.names())
+def test_best_epoch_outputs_are_what_the_restored_model_predicts(name, tmp_path):
+    """A sweep trial is scored from the validation outputs its best epoch had; they must be the
+    restored model's predictions on the images (the cache stores the frozen prefix as float16)."""
+    result, on_images = _train_tiny_and_predict(tmp_path, name, "train.epochs1=2", "train.epochs2=2",
+                                                "train.lr2=1e-3")
     assert sorted(result.val_outputs) == [e["epoch"] for e in result.epochs]
     assert result.best_epoch == min(result.epochs, key=lambda e: e["val_loss"])["epoch"]
-    on_images = recipe._predict(model, dataset, parts["val"], spec, 32, 4)
     np.testing.assert_allclose(metrics.class_probabilities(result.best_val_outputs), on_images, atol=2e-3)
 
 
 def test_keep_last_runs_phase_two_to_the_end_and_ends_on_its_last_epoch(tmp_path):
     """train.keep = "last": phase 2 runs every epoch (patience is not used) and the model predicts
     what its last epoch did, not the restored weights of the best epoch (here phase 1's)."""
-    spec = backbones.get("vgg16")
-    dataset, parts = _tiny_parts(tmp_path)
-    prepared = recipe.Prepared(dataset, parts, "tiny", "tiny")
-    config = load_config(None, ["train.epochs1=1", "train.epochs2=4", "train.lr1=1e-2", "train.lr2=3e-2",
-                                "train.patience=1", 'train.keep="last"', "train.unfreeze=1", "train.verbose=0",
-                                "train.batch_size=4", "train.cache_views=2"])
-    keras.utils.set_random_seed(0)
-    base, _ = backbones.build_base(spec, 32, "none")
-    model = build_classifier(base, 32, 2, 8, 0.0)
-    feed = recipe.make_feed(config, prepared, spec, 32, "none", config.seed)
-    labels = [s.label for s in parts["val"]]
-    result = train_two_phase(model, base, spec, feed, config.train, 2, score=("accuracy", labels, dataset.class_names))
+    result, on_images = _train_tiny_and_predict(tmp_path, "vgg16", "train.epochs1=1", "train.epochs2=4",
+                                                "train.lr2=3e-2", "train.patience=1", 'train.keep="last"')
     assert [e["epoch"] for e in result.epochs if e["phase"] == 2] == [1, 2, 3, 4]
     assert result.best_epoch == 4
     losses = [e["val_loss"] for e in result.epochs]
     assert min(losses) < losses[-1]  # the best epoch was another: restoring it would differ
-    on_images = recipe._predict(model, dataset, parts["val"], spec, 32, 4)
     np.testing.assert_allclose(metrics.class_probabilities(result.val_outputs[4]), on_images, atol=2e-3)
 
 
