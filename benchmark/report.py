@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def select_runs(client: MlflowClient, experiment_name: str, source: str = "bench
         run = chosen[name]
         if run.data.params.get(SCORED_ON) != anchor.data.params.get(SCORED_ON):
             print(f"left out of the table: {name} run {run.info.run_id}, scored on other held-out images "
-                  f"(other folds or split) than run {anchor.info.run_id}", flush=True)
+                  f"(other folds or split) than run {anchor.info.run_id}", file=sys.stderr, flush=True)
             del chosen[name]
     return [chosen[name] for name in sorted(chosen)]
 

@@ -247,7 +247,7 @@ def test_a_table_joins_only_runs_scored_on_the_same_held_out_images(tmp_path, ca
     vgg16, lite0, resnet50 = run("vgg16", "split-a"), run("efficientnet_lite0", "split-b"), run("resnet50", "split-a")
     # The newest run (resnet50's) sets the images: lite0, last run on another split, is left out, said so.
     assert [r.info.run_id for r in report.select_runs(client, "set")] == [resnet50, vgg16]
-    assert f"left out of the table: efficientnet_lite0 run {lite0}, scored on other" in capsys.readouterr().out
+    assert f"left out of the table: efficientnet_lite0 run {lite0}, scored on other" in capsys.readouterr().err
     # A command's own run sets them.
     assert [r.info.run_id for r in report.select_runs(client, "set", made=[lite0])] == [lite0]
 
