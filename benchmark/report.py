@@ -20,11 +20,11 @@ HEADLINE = ["accuracy", "loss", "macro_f1", "roc_auc", "ece"]
 BINARY = ["sensitivity", "specificity", "target_threshold", "target_sensitivity", "target_specificity"]
 SOURCES = {"bench": "bench", "cv": "bench-cv", "sweep": "sweep-trial"}
 # The prediction files paired_comparisons pairs, per split, for each kind of run: tta_*, the same
-# models with the test-time flip (absent when evaluate.tta was off; sweep trials never have it); a
-# cross-validation's test split is scored by its fold models together.
-_ONE_SPLIT = {"val": "predictions_val.csv", "tta_val": "predictions_tta_val.csv",
-              "test": "predictions_test.csv", "tta_test": "predictions_tta_test.csv"}
-PREDICTIONS = {"bench": _ONE_SPLIT, "sweep": _ONE_SPLIT,
+# models with the test-time flip (absent when evaluate.tta was off); sweep trials score validation
+# alone, without the flip; a cross-validation's test split is scored by its fold models together.
+PREDICTIONS = {"bench": {"val": "predictions_val.csv", "tta_val": "predictions_tta_val.csv",
+                         "test": "predictions_test.csv", "tta_test": "predictions_tta_test.csv"},
+               "sweep": {"val": "predictions_val.csv"},
                "cv": {"oof": "predictions_oof.csv", "tta_oof": "predictions_tta_oof.csv",
                       "test": "predictions_ensemble_test.csv"}}
 

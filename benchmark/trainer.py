@@ -189,10 +189,10 @@ def train_two_phase(model, base, spec, feed, train_config, n_classes: int, callb
         if phase == 2:
             result.unfrozen = unfrozen
         fit_model, train_data, val_data = feed.phase(model, base, spec, unfreeze)
-        if phase == 2 and head_ready and epoch == 0:
+        keep_last = phase == 2 and cfg.keep == "last"  # then no candidate weights to score or keep
+        if phase == 2 and head_ready and epoch == 0 and not keep_last:
             keep_best.consider(model, fit_model, val_data, n_classes, epoch=-1, label_smoothing=cfg.label_smoothing)
         cosine = phase == 2 and cfg.schedule2 == "cosine"
-        keep_last = phase == 2 and cfg.keep == "last"
         decay_steps = epochs * _batches_per_epoch(train_data) if cosine else 0
         compile_model(fit_model, n_classes, make_optimizer(learning_rate, cfg.weight_decay if phase == 2 else 0.0,
                                                            decay_steps), cfg.jit_compile, cfg.eager,
@@ -215,8 +215,8 @@ def train_two_phase(model, base, spec, feed, train_config, n_classes: int, callb
             shuffle=False,  # the feeds shuffle
             callbacks=[
                 nan_guard,
-                keep_best,
-                *([] if keep_last else [keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience)]),
+                *([] if keep_last else [keep_best, keras.callbacks.EarlyStopping(monitor="val_loss",
+                                                                                  patience=cfg.patience)]),
                 *([] if cosine else [keras.callbacks.ReduceLROnPlateau(
                     monitor="val_loss", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr)]),
                 *scoring,
