@@ -226,13 +226,6 @@ def _log_label_review(dataset: intake.Dataset, samples: list[intake.Sample], pro
                             "label_review_oof.png")
 
 
-def folds_below_probe(outcomes: list[dict]) -> int:
-    """Folds whose fine-tuned model scored below its own linear probe in accuracy or macro-F1: a
-    mean above the probe's can hide them."""
-    return sum(any(outcome["val"][name] < outcome["probe_val"][name] for name in report.PROBE)
-               for outcome in outcomes)
-
-
 def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights: str, experiment: str) -> dict:
     """A parent MLflow run per backbone with a child run per fold; the parent holds each metric's
     mean and 95% CI over folds, and the out-of-fold predictions (every image scored exactly once).
@@ -291,7 +284,8 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
                 summary.update({f"{key}_mean": mean, f"{key}_ci_low": low, f"{key}_ci_high": high})
         mlflow.log_metrics({k: v for k, v in summary.items() if np.isfinite(v)})
         if all("probe_val" in outcome for outcome in outcomes):
-            mlflow.log_metric(report.FOLDS_BELOW_PROBE, folds_below_probe(outcomes))
+            mlflow.log_metric(report.FOLDS_BELOW_PROBE,
+                              sum(bool(report.below_probe(o["val"], o["probe_val"])) for o in outcomes))
         costs = {key: float(np.nanmean([outcome["costs"].get(key, np.nan) for outcome in outcomes]))
                  for key in outcomes[0]["costs"]}
         mlflow.log_metrics({**costs, "train_seconds": float(sum(outcome["seconds"] for outcome in outcomes))})

@@ -157,7 +157,7 @@ def comparison_table(runs: list, source: str = "bench") -> pd.DataFrame:
 
 
 PROBE = ["accuracy", "macro_f1"]
-FOLDS_BELOW_PROBE = "folds_below_probe"  # a cross-validated parent's metric (bench.folds_below_probe)
+FOLDS_BELOW_PROBE = "folds_below_probe"  # a cross-validated parent's metric: its folds below_probe
 
 
 def _add_scored_as(row: dict, m: dict, source: str, prefix: str) -> None:
@@ -175,15 +175,30 @@ def _add_scored_as(row: dict, m: dict, source: str, prefix: str) -> None:
                                 f"{key}_ci_high": m.get(f"{key}_ci_high", np.nan)})
 
 
+def below_probe(scores: dict, probe: dict) -> list[str]:
+    """The PROBE metrics in which a fine-tuned model scored below its own linear probe (equal is not
+    below): a recipe bug, not a finding."""
+    return [name for name in PROBE if scores.get(name, np.nan) < probe[name]]
+
+
+def _row_below_probe(row) -> list[str]:
+    """below_probe for a table row, from its val_* and probe_val_* figures."""
+    return below_probe({name: row.get(f"val_{name}", np.nan) for name in PROBE},
+                       {name: row.get(f"probe_val_{name}", np.nan) for name in PROBE})
+
+
 def _add_probe(row: dict, m: dict, source: str) -> None:
     """The linear-probe baseline's accuracy and macro-F1 beside the fine-tuned ones, and a flag when
-    fine-tuning ended below its own probe (a recipe bug, not a finding)."""
+    fine-tuning ended below its own probe; cross-validated, also how many folds did (a mean above
+    the probe's can hide them)."""
     _add_scored_as(row, m, source, "probe")
     if "probe_val_accuracy" in row:
-        below = [name for name in PROBE if row.get(f"val_{name}", np.nan) < row[f"probe_val_{name}"]]
+        below = _row_below_probe(row)
         row["vs_probe"] = ("BELOW PROBE: " + ", ".join(below)) if below else "above or equal"
-        if m.get(FOLDS_BELOW_PROBE):  # cross-validation: folds below it, which a mean above it hides
-            row["vs_probe"] += f"; folds below it: {int(m[FOLDS_BELOW_PROBE])}"
+        if FOLDS_BELOW_PROBE in m:
+            row[FOLDS_BELOW_PROBE] = int(m[FOLDS_BELOW_PROBE])
+            if row[FOLDS_BELOW_PROBE]:
+                row["vs_probe"] += f"; folds below it: {row[FOLDS_BELOW_PROBE]}"
     else:
         row["vs_probe"] = "no probe (scratch)" if row.get("weights") == "scratch" else "no probe"
 
@@ -331,7 +346,7 @@ def terminal(table: pd.DataFrame, source: str = "bench") -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     lines = ["  ".join(text.ljust(width) for text, width in zip(r, widths)).rstrip() for r in rows]
     flagged = [f"{row['backbone']}: {row['vs_probe']}" for _, row in table.iterrows()
-               if str(row.get("vs_probe", "")).startswith("BELOW") or "folds below" in str(row.get("vs_probe", ""))]
+               if _row_below_probe(row) or row.get(FOLDS_BELOW_PROBE, 0) > 0]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], *flagged]) + "\n"
 
 

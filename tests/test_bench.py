@@ -203,10 +203,11 @@ def test_report_runs_refuses_unknown_unfinished_and_same_backbone_runs(tmp_path)
 def test_probe_flags_say_which_rows_and_how_many_folds_ended_below_their_probe(tmp_path):
     """A fine-tuned model below its own linear probe is a recipe bug: flagged on the mean, and on
     the folds a mean above the probe hides."""
-    fold = {"val": {"accuracy": 0.90, "macro_f1": 0.88}, "probe_val": {"accuracy": 0.85, "macro_f1": 0.84}}
-    worse_f1 = {"val": {"accuracy": 0.90, "macro_f1": 0.80}, "probe_val": {"accuracy": 0.85, "macro_f1": 0.84}}
-    level = {"val": {"accuracy": 0.85, "macro_f1": 0.84}, "probe_val": {"accuracy": 0.85, "macro_f1": 0.84}}
-    assert bench.folds_below_probe([fold, worse_f1, level, worse_f1]) == 2  # equal is not below
+    probe = {"accuracy": 0.85, "macro_f1": 0.84}
+    assert report.below_probe({"accuracy": 0.90, "macro_f1": 0.88}, probe) == []
+    assert report.below_probe({"accuracy": 0.90, "macro_f1": 0.80}, probe) == ["macro_f1"]
+    assert report.below_probe(dict(probe), probe) == []  # equal is not below
+    assert report.below_probe({"accuracy": 0.80, "macro_f1": 0.80}, probe) == ["accuracy", "macro_f1"]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id = client.create_experiment("set")
@@ -229,6 +230,7 @@ def test_probe_flags_say_which_rows_and_how_many_folds_ended_below_their_probe(t
     assert table.loc["vgg16", "vs_probe"] == "BELOW PROBE: accuracy, macro_f1"
     assert table.loc["resnet50", "vs_probe"] == "above or equal; folds below it: 2"
     assert table.loc["efficientnetb0", "vs_probe"] == "above or equal"
+    assert table.loc["resnet50", report.FOLDS_BELOW_PROBE] == 2 and pd.isna(table.loc["vgg16", report.FOLDS_BELOW_PROBE])
     flagged = report.terminal(table.reset_index(), "cv").splitlines()[-2:]
     assert flagged == ["vgg16: BELOW PROBE: accuracy, macro_f1", "resnet50: above or equal; folds below it: 2"]
 
