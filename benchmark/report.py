@@ -214,29 +214,41 @@ def _predictions(client: MlflowClient, run, artifact: str) -> pd.DataFrame | Non
 ENSEMBLE = "ensemble of all"
 
 
-def _ensemble(frames: dict) -> pd.DataFrame | None:
-    """Every row's probabilities averaged per image (what `predict <run>,<run>,...` computes), or None
-    when the rows did not score the same images."""
-    ordered = [frame.sort_values("source").reset_index(drop=True) for frame in frames.values()]
+def _aligned(frames: list[pd.DataFrame]) -> list[pd.DataFrame] | None:
+    """Per-image prediction frames in one image order, or None when they did not score the same
+    images with the same labels."""
+    ordered = [frame.sort_values("source").reset_index(drop=True) for frame in frames]
     first = ordered[0]
     if any(len(f) != len(first) or not f["source"].equals(first["source"]) or not f["label"].equals(first["label"])
            for f in ordered):
         return None
-    columns = [c for c in first.columns if c.startswith("prob_")]
-    mean = np.mean([f[columns].to_numpy() for f in ordered], axis=0)
-    return pd.concat([first[["source", "label"]], pd.DataFrame(mean, columns=columns)], axis=1)
+    return ordered
+
+
+def _probabilities(frame: pd.DataFrame) -> np.ndarray:
+    return frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
+
+
+def _ensemble(frames: dict) -> pd.DataFrame | None:
+    """Every row's probabilities averaged per image (what `predict <run>,<run>,...` computes), or None
+    when the rows did not score the same images."""
+    ordered = _aligned(list(frames.values()))
+    if ordered is None:
+        return None
+    columns = [c for c in ordered[0].columns if c.startswith("prob_")]
+    mean = np.mean([_probabilities(f) for f in ordered], axis=0)
+    return pd.concat([ordered[0][["source", "label"]], pd.DataFrame(mean, columns=columns)], axis=1)
 
 
 def _pair(split: str, name_a: str, a: pd.DataFrame, name_b: str, b: pd.DataFrame, resamples: int) -> dict:
-    joined = a.merge(b, on=["source", "label"], suffixes=("_a", "_b"))
-    if len(joined) != len(a) or len(joined) != len(b):
-        return {"split": split, "a": name_a, "b": name_b, "n_images": len(joined),
+    aligned = _aligned([a, b])
+    if aligned is None:
+        return {"split": split, "a": name_a, "b": name_b, "n_images": len(set(a["source"]) & set(b["source"])),
                 "note": "not the same images; rerun both on the same data and split"}
-    probability_columns = [c for c in a.columns if c.startswith("prob_")]
-    pred_a = joined[[f"{c}_a" for c in probability_columns]].to_numpy().argmax(axis=1)
-    pred_b = joined[[f"{c}_b" for c in probability_columns]].to_numpy().argmax(axis=1)
-    truth = joined["label"].to_numpy()
-    row = {"split": split, "a": name_a, "b": name_b, "n_images": len(joined),
+    a, b = aligned
+    pred_a, pred_b = _probabilities(a).argmax(axis=1), _probabilities(b).argmax(axis=1)
+    truth = a["label"].to_numpy()
+    row = {"split": split, "a": name_a, "b": name_b, "n_images": len(a),
            "accuracy_a": float(np.mean(pred_a == truth)), "accuracy_b": float(np.mean(pred_b == truth))}
     for metric_name, metric in (("accuracy", stats.accuracy), ("macro_f1", stats.macro_f1)):
         diff, low, high = stats.paired_bootstrap(truth, pred_a, pred_b, metric, resamples, seed=0)

@@ -200,6 +200,26 @@ def test_report_runs_refuses_unknown_unfinished_and_same_backbone_runs(tmp_path)
         report.select_runs(client, "set", only=[old_vgg, new_vgg])
 
 
+def test_pairs_and_the_ensemble_match_images_by_name_and_refuse_different_images():
+    """Per-image predictions are paired by file, whatever order each run wrote them in; runs scored
+    on other images get a note instead of a comparison."""
+    def frame(sources, labels, p_one):
+        return pd.DataFrame({"source": sources, "label": labels, "prob_no": 1 - np.asarray(p_one),
+                             "prob_yes": p_one})
+    a = frame(["a.png", "b.png", "c.png", "d.png"], [1, 0, 1, 0], [0.9, 0.2, 0.4, 0.3])  # 3 of 4 right
+    b = frame(["d.png", "c.png", "b.png", "a.png"], [0, 1, 0, 1], [0.6, 0.7, 0.1, 0.8])  # shuffled; 3 of 4
+    row = report._pair("val", "A", a, "B", b, resamples=200)
+    assert (row["n_images"], row["accuracy_a"], row["accuracy_b"]) == (4, 0.75, 0.75)
+    assert (row["only_a_right"], row["only_b_right"], row["note"]) == (1, 1, "")  # d.png: A; c.png: B
+    ensemble = report._ensemble({"A": a, "B": b})
+    assert ensemble["source"].tolist() == ["a.png", "b.png", "c.png", "d.png"]
+    assert ensemble["prob_yes"].tolist() == pytest.approx([0.85, 0.15, 0.55, 0.45])  # all 4 right
+    other = frame(["a.png", "b.png", "c.png", "e.png"], [1, 0, 1, 0], [0.9, 0.2, 0.4, 0.3])
+    assert report._pair("val", "A", a, "C", other, resamples=200)["note"].startswith("not the same images")
+    assert report._pair("val", "A", a, "C", other, resamples=200)["n_images"] == 3
+    assert report._ensemble({"A": a, "C": other}) is None
+
+
 def test_probe_flags_say_which_rows_and_how_many_folds_ended_below_their_probe(tmp_path):
     """A fine-tuned model below its own linear probe is a recipe bug: flagged on the mean, and on
     the folds a mean above the probe hides."""
