@@ -87,6 +87,11 @@ class TrainConfig:
     # Both phases: the loss aims at 1 - s on the labelled class and s spread over all classes, and
     # validation loss (early stopping, best weights) is scored the same way; 0: plain cross-entropy.
     label_smoothing: float = 0.0
+    # Mixup (Zhang et al., ICLR 2018): each training batch is mixed with itself in another order by
+    # one weight drawn from Beta(a, a), labels and class weights alike, so the model also learns
+    # between examples. It mixes what the trained part is fed: images when streamed, the cached
+    # outputs of the frozen groups otherwise (manifold mixup). 0: off.
+    mixup: float = 0.0
     # Pretrained BatchNormalization in the unfrozen groups: "frozen" keeps the ImageNet statistics in
     # inference mode (the Keras guide, safest for small sets); "train" normalises with batch
     # statistics and updates them, adapting them to MRI (a base trained from scratch always trains them).
@@ -270,6 +275,7 @@ RULES: dict[str, tuple] = {
     "train.head_init": _one_of("train", "probe"),
     "train.weight_decay": (_at_least(0), ">= 0"),
     "train.label_smoothing": (lambda v: 0 <= v < 1, "0 <= label_smoothing < 1"),
+    "train.mixup": (lambda v: 0 <= v <= 10, "0..10 (0: off)"),
     "train.schedule2": _one_of("plateau", "cosine"),
     "train.keep": _one_of("best", "last"),
     "train.batchnorm": _one_of("frozen", "train"),

@@ -31,9 +31,12 @@ class Streamed:
 class ViewSequence(keras.utils.PyDataset):
     """Batches from cached (views, N, ...) features; epoch e reads view e mod views, reshuffled."""
 
-    def __init__(self, features, labels, weights, batch_size: int, seed: int, shuffle: bool = True):
+    def __init__(self, features, labels, weights, batch_size: int, seed: int, shuffle: bool = True,
+                 mix: float = 0.0, n_classes: int = 0):
         super().__init__()
         self.features, self.labels, self.weights = features, labels, weights
+        self.mix, self.n_classes = mix, n_classes  # mix > 0: pipeline.mixup of every batch
+        self.mix_rng = np.random.default_rng(seed + 1)
         self.batch_size, self.shuffle = batch_size, shuffle
         self.rng = np.random.default_rng(seed)
         self.epochs_begun = 0
@@ -56,9 +59,10 @@ class ViewSequence(keras.utils.PyDataset):
     def __getitem__(self, index):
         rows = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
         x = np.asarray(self.features[self.view, rows], dtype=np.float32)
-        if self.weights is None:
-            return x, self.labels[rows]
-        return x, self.labels[rows], self.weights[rows]
+        batch = (x, self.labels[rows], None if self.weights is None else self.weights[rows])
+        if self.mix > 0:
+            batch = pipeline.mixup(*batch, self.mix_rng, self.mix, self.n_classes)
+        return batch if batch[2] is not None else batch[:2]
 
 
 def boundary_layer(base, spec, unfreeze: int) -> str | None:
@@ -78,7 +82,8 @@ class Cached:
 
     def __init__(self, train_images, train_labels, train_weights, val_images, val_labels, preprocess, augment,
                  views: int, seed: int, batch_size: int, key: dict, plan_unfreeze: int = 0,
-                 stream: Streamed | None = None, batch_statistics: bool = False):
+                 stream: Streamed | None = None, batch_statistics: bool = False, mix: float = 0.0,
+                 n_classes: int = 0):
         self.stream = stream  # used when nothing is frozen: caching the input saves nothing then
         self.batch_statistics = batch_statistics  # as model.build_classifier's
         self.train_images, self.val_images = train_images, val_images
@@ -87,6 +92,7 @@ class Cached:
         self.views = views if (augment is not None and augment.enabled) else 1
         self.key = {**key, "views": self.views, "seed": seed, "view0": "plain"}
         self.plan_unfreeze = plan_unfreeze
+        self.mix, self.n_classes = mix, n_classes  # mixup of the training batches (pipeline.mixup)
 
     def _entries(self, base, spec, unfreeze: int) -> dict[str, tuple]:
         """Cache entries for pooled features and (unfreeze > 0) the frozen prefix's outputs."""
@@ -160,5 +166,6 @@ class Cached:
         for layer in layers:
             x = layer(x)
         fit_model = keras.Model(inputs, x, name=f"{model.name}_{name}")
-        sequence = ViewSequence(train, self.train_labels, self.train_weights, self.batch_size, self.seed + unfreeze)
+        sequence = ViewSequence(train, self.train_labels, self.train_weights, self.batch_size, self.seed + unfreeze,
+                                mix=self.mix, n_classes=self.n_classes)
         return fit_model, sequence, (np.asarray(val[0], dtype=np.float32), self.val_labels)

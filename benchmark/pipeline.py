@@ -97,6 +97,23 @@ def ensemble_probabilities(members: list[tuple], images: np.ndarray, batch_size:
     return np.mean(results, axis=0)
 
 
+def mixup(inputs: np.ndarray, labels: np.ndarray, weights: np.ndarray | None, rng: np.random.Generator,
+          alpha: float, n_classes: int) -> tuple:
+    """One batch mixed with itself in another order by one lambda ~ Beta(alpha, alpha): inputs,
+    labels (as soft targets: a probability of class 1 for one sigmoid unit, else a row per example)
+    and class weights alike. Returns (inputs, targets, weights or None), float32."""
+    lam = np.float32(rng.beta(alpha, alpha))
+    partner = rng.permutation(len(inputs))
+    targets = (np.asarray(labels, np.float32) if n_classes == 2
+               else np.eye(n_classes, dtype=np.float32)[np.asarray(labels).reshape(-1).astype(int)])
+    inputs = np.asarray(inputs, np.float32)
+    mixed = (lam * inputs + (1 - lam) * inputs[partner], lam * targets + (1 - lam) * targets[partner])
+    if weights is None:
+        return (*mixed, None)
+    weights = np.asarray(weights, np.float32)
+    return (*mixed, lam * weights + (1 - lam) * weights[partner])
+
+
 def view_batches(images: np.ndarray, augment, views: int, seed: int, batch_size: int):
     """(view, start, float32 batch) for `views` passes over `images`, the same every time.
 
@@ -112,8 +129,9 @@ def view_batches(images: np.ndarray, augment, views: int, seed: int, batch_size:
 
 def make_dataset(dataset: intake.Dataset, samples: list[intake.Sample], preprocess, size: int, batch_size: int,
                  *, training: bool = False, augment=None, weights: np.ndarray | None = None,
-                 seed: int = 0) -> tf.data.Dataset:
-    """Batches of (preprocessed images, labels[, sample weights]); training shuffles and augments."""
+                 seed: int = 0, mix: float = 0.0) -> tf.data.Dataset:
+    """Batches of (preprocessed images, labels[, sample weights]); training shuffles and augments,
+    and with `mix` > 0 mixes each batch (mixup; labels become soft targets)."""
     images = decoded_images(dataset, samples, size)
     labels = tf.constant(label_array(samples, len(dataset.class_names)))
 
@@ -138,4 +156,15 @@ def make_dataset(dataset: intake.Dataset, samples: list[intake.Sample], preproce
         index = tf.cast(tf.reshape(label, [-1]), tf.int32)
         return inputs, label, tf.gather(weight_table, index)
 
-    return ds.map(finish, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+    ds = ds.map(finish, num_parallel_calls=AUTOTUNE)
+    if training and mix > 0:
+        n_classes, rng = len(dataset.class_names), np.random.default_rng(seed)
+
+        def mixed(inputs, label, *weight):
+            outputs = tf.numpy_function(
+                lambda x, y, *w: [a for a in mixup(x, y, w[0] if w else None, rng, mix, n_classes) if a is not None],
+                [inputs, label, *weight], [tf.float32] * (2 + len(weight)), stateful=True)
+            targets = tf.ensure_shape(outputs[1], (None, 1) if n_classes == 2 else (None, n_classes))
+            return (tf.ensure_shape(outputs[0], inputs.shape), targets, *outputs[2:])
+        ds = ds.map(mixed)  # one call at a time: the batches draw from one generator in order
+    return ds.prefetch(AUTOTUNE)

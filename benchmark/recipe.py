@@ -184,6 +184,7 @@ def _log_params(config, prepared: Prepared, spec, size: int, weights_used: str, 
         "epochs1": train.epochs1, "epochs2": train.epochs2, "batch_size": train.batch_size,
         "augmentation": _augment_summary(config.augment), "class_weights": train.class_weights,
         "cache_views": train.cache_views, "label_smoothing": train.label_smoothing,
+        "mixup": train.mixup,
         "batchnorm": "train" if batch_statistics(config, weights_used) else "frozen",
         "seed": config.seed, "train_seed": train_seed, "data_path": prepared.path, "data_fingerprint": dataset.fingerprint,
         "class_names": json.dumps(dataset.class_names), "class_to_index": json.dumps(dataset.class_to_index),
@@ -391,7 +392,8 @@ def make_feed(config, prepared: Prepared, spec, size: int, weights_used: str, se
     train_labels = [s.label for s in parts["train"]]
     weights = pipeline.class_weights(train_labels, n_classes) if train.class_weights else None
     train_ds = pipeline.make_dataset(dataset, parts["train"], spec.preprocess, size, train.batch_size,
-                                     training=True, augment=config.augment, weights=weights, seed=seed)
+                                     training=True, augment=config.augment, weights=weights, seed=seed,
+                                     mix=train.mixup)
     streamed = feeds.Streamed(train_ds, pipeline.make_dataset(dataset, parts["val"], spec.preprocess, size,
                                                               train.batch_size))
     if train.cache_views <= 0:
@@ -406,7 +408,7 @@ def make_feed(config, prepared: Prepared, spec, size: int, weights_used: str, se
         pipeline.decoded_images(dataset, parts["val"], size), pipeline.label_array(parts["val"], n_classes),
         spec.preprocess, config.augment, train.cache_views, seed, train.batch_size, key,
         plan_unfreeze=train.unfreeze if train.epochs2 > 0 else 0, stream=streamed,
-        batch_statistics=batch_statistics(config, weights_used))
+        batch_statistics=batch_statistics(config, weights_used), mix=train.mixup, n_classes=n_classes)
 
 
 # Moving-statistics momentum of BatchNormalization trained from scratch. Keras' 0.99 needs hundreds of

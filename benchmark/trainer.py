@@ -116,25 +116,50 @@ def make_optimizer(learning_rate: float, weight_decay: float = 0.0, decay_steps:
     return keras.optimizers.Adam(schedule)
 
 
-def cross_entropy(n_classes: int, label_smoothing: float = 0.0):
+def _soft(labels, n_classes: int) -> bool:
+    """Whether `labels` are soft targets, a row of class probabilities per example (mixup), rather
+    than class indices; known when the graph is traced, so training and validation may differ."""
+    return n_classes > 2 and len(labels.shape) == 2 and labels.shape[-1] == n_classes
+
+
+def _one_hot(labels, n_classes: int):
+    return labels if _soft(labels, n_classes) else keras.ops.one_hot(
+        keras.ops.cast(keras.ops.reshape(labels, (-1,)), "int32"), n_classes)
+
+
+def cross_entropy(n_classes: int, label_smoothing: float = 0.0, soft_targets: bool = False):
     """The training loss. Label smoothing s aims at 1 - s on the labelled class plus s spread evenly
-    over all classes (Keras' convention), so a few hundred images never push the model to certainty."""
+    over all classes (Keras' convention), so a few hundred images never push the model to certainty.
+    With `soft_targets` (mixup) it also takes a row of class probabilities per example (validation
+    keeps class indices); one sigmoid unit's targets are probabilities anyway."""
     if n_classes == 2:
         return keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
-    if label_smoothing == 0:
+    if label_smoothing == 0 and not soft_targets:
         return keras.losses.SparseCategoricalCrossentropy()
 
-    def smoothed_sparse_categorical_crossentropy(labels, probabilities):
-        one_hot = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(labels, (-1,)), "int32"), n_classes)
-        return keras.losses.categorical_crossentropy(one_hot, probabilities, label_smoothing=label_smoothing)
-    return smoothed_sparse_categorical_crossentropy
+    def categorical_crossentropy(labels, probabilities):
+        return keras.losses.categorical_crossentropy(_one_hot(labels, n_classes), probabilities,
+                                                     label_smoothing=label_smoothing)
+    return categorical_crossentropy
+
+
+def accuracy_metric(n_classes: int, soft_targets: bool = False):
+    """Accuracy; on soft targets (mixup), against the class they weight most."""
+    if not soft_targets:
+        return (keras.metrics.BinaryAccuracy(name="accuracy") if n_classes == 2
+                else keras.metrics.SparseCategoricalAccuracy(name="accuracy"))
+
+    def accuracy(labels, probabilities):
+        if n_classes == 2:
+            return keras.metrics.binary_accuracy(keras.ops.round(labels), probabilities)
+        return keras.metrics.categorical_accuracy(_one_hot(labels, n_classes), probabilities)
+    return keras.metrics.MeanMetricWrapper(accuracy, name="accuracy")
 
 
 def compile_model(model: keras.Model, n_classes: int, optimizer, jit_compile="auto", eager: bool = False,
-                  label_smoothing: float = 0.0) -> None:
-    accuracy = (keras.metrics.BinaryAccuracy(name="accuracy") if n_classes == 2
-                else keras.metrics.SparseCategoricalAccuracy(name="accuracy"))
-    model.compile(optimizer=optimizer, loss=cross_entropy(n_classes, label_smoothing), metrics=[accuracy],
+                  label_smoothing: float = 0.0, soft_targets: bool = False) -> None:
+    model.compile(optimizer=optimizer, loss=cross_entropy(n_classes, label_smoothing, soft_targets),
+                  metrics=[accuracy_metric(n_classes, soft_targets)],
                   jit_compile=False if eager else {"on": True, "off": False, "auto": "auto"}[jit_compile],
                   run_eagerly=eager)
 
@@ -196,7 +221,7 @@ def train_two_phase(model, base, spec, feed, train_config, n_classes: int, callb
         decay_steps = epochs * _batches_per_epoch(train_data) if cosine else 0
         compile_model(fit_model, n_classes, make_optimizer(learning_rate, cfg.weight_decay if phase == 2 else 0.0,
                                                            decay_steps), cfg.jit_compile, cfg.eager,
-                      cfg.label_smoothing)
+                      cfg.label_smoothing, soft_targets=cfg.mixup > 0)
         result.trainable_params = sum(int(np.prod(w.shape)) for w in fit_model.trainable_weights)
         scoring = []
         if score:

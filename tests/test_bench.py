@@ -323,6 +323,53 @@ def test_label_smoothing_scores_against_the_smoothed_targets(n_classes):
         assert got == pytest.approx(expected, rel=1e-4), smoothing
 
 
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_soft_targets_score_as_cross_entropy_and_class_indices_as_before(n_classes):
+    """With mixup the loss takes soft targets on training batches and class indices on validation."""
+    from benchmark.trainer import compile_model, make_optimizer
+
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(8, 3)).astype("float32")
+    labels = rng.integers(0, n_classes, 8)
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(1 if n_classes == 2 else n_classes,
+                                                   activation="sigmoid" if n_classes == 2 else "softmax")(inputs))
+    predicted = model.predict(features, verbose=0)
+    probabilities = np.hstack([1 - predicted, predicted]) if n_classes == 2 else predicted
+    soft = rng.dirichlet(np.ones(n_classes), 8).astype("float32")
+    compile_model(model, n_classes, make_optimizer(1e-3), "off", soft_targets=True)
+    for targets, y in ((np.eye(n_classes)[labels], labels), (soft, soft)):
+        y = y.reshape(-1, 1).astype("float32") if n_classes == 2 and y is labels else y
+        y = y[:, 1:] if n_classes == 2 and y is soft else y  # one sigmoid unit: the probability of class 1
+        got = model.evaluate(features, y, batch_size=8, verbose=0, return_dict=True)
+        assert got["loss"] == pytest.approx(-(targets * np.log(probabilities)).sum(1).mean(), rel=1e-4)
+        assert got["accuracy"] == pytest.approx(np.mean(probabilities.argmax(1) == targets.argmax(1)))
+
+
+@pytest.mark.parametrize("views", [0, 2], ids=["streamed", "cached"])
+def test_mixup_feeds_soft_targets_to_training_and_class_indices_to_validation(views, tmp_path):
+    dataset, parts = _tiny_parts(tmp_path, "4class")
+    prepared = recipe.Prepared(dataset, parts, "tiny", "tiny")
+    config = load_config(None, ["train.epochs1=1", "train.epochs2=1", "train.unfreeze=1", "train.verbose=0",
+                                "train.eager=true", "train.batch_size=8", f"train.cache_views={views}",
+                                "train.mixup=0.4"])
+    spec = backbones.get("vgg16")
+    keras.utils.set_random_seed(0)
+    base, _ = backbones.build_base(spec, 32, "none")
+    model = build_classifier(base, 32, 4, 8, 0.0)
+    feed = recipe.make_feed(config, prepared, spec, 32, "none", config.seed)
+    _, train_data, val_data = feed.phase(model, base, spec, 1)
+    x, targets, weights = (np.asarray(a) for a in next(iter(train_data)))
+    assert targets.shape == (len(x), 4) and (weights > 0).all()
+    np.testing.assert_allclose(targets.sum(1), 1, rtol=1e-5)
+    assert (targets.max(1) < 1).any()  # mixed rows, not one-hot labels
+    val_labels = val_data[1] if isinstance(val_data, tuple) else next(iter(val_data))[1]
+    assert np.asarray(val_labels).ndim == 1  # validation keeps its class indices
+    result = train_two_phase(model, base, spec, feed, config.train, 4)
+    assert [e["phase"] for e in result.epochs] == [1, 2]
+    assert all(0 <= e["accuracy"] <= 1 and np.isfinite(e["val_loss"]) for e in result.epochs)
+
+
 @pytest.mark.parametrize("views", [0, 2], ids=["streamed", "cached"])
 @pytest.mark.parametrize("name", backbones.names())
 def test_phase_two_changes_only_the_unfrozen_groups(name, views, tmp_path, monkeypatch):

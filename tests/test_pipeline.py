@@ -1,5 +1,6 @@
 """Augmentation: each intensity change does what its setting says, alone, and nothing when off."""
 import numpy as np
+import pytest
 
 from benchmark import pipeline
 from benchmark.config import AugmentConfig
@@ -48,3 +49,23 @@ def test_sharpness_keeps_flat_areas_and_moves_only_edges_both_ways():
         np.testing.assert_allclose(out[flat], images[flat], atol=1e-3)  # inside the square, and away from it and the border
     edge = out[:, 8, 8:16, 0] - images[:, 8, 8:16, 0]  # the square's top row: blurred darker, sharpened brighter
     assert (edge.mean(axis=1) < -1).any() and (edge.mean(axis=1) > 1).any()
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_mixup_mixes_inputs_labels_and_weights_by_one_beta_weight(n_classes):
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(size=(16, 5, 5, 3)).astype("float32")
+    labels = (rng.integers(0, 2, (16, 1)).astype("float32") if n_classes == 2
+              else rng.integers(0, n_classes, 16).astype("int32"))
+    weights = rng.uniform(0.5, 2.0, 16).astype("float32")
+    mixed, targets, mixed_weights = pipeline.mixup(inputs, labels, weights, np.random.default_rng(7), 0.4, n_classes)
+    draw = np.random.default_rng(7)  # the same draws, by hand
+    lam, partner = draw.beta(0.4, 0.4), draw.permutation(16)
+    one_hot = labels if n_classes == 2 else np.eye(n_classes)[labels]
+    np.testing.assert_allclose(mixed, lam * inputs + (1 - lam) * inputs[partner], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(targets, lam * one_hot + (1 - lam) * one_hot[partner], rtol=1e-5)
+    np.testing.assert_allclose(mixed_weights, lam * weights + (1 - lam) * weights[partner], rtol=1e-5)
+    assert targets.shape == ((16, 1) if n_classes == 2 else (16, n_classes)) and targets.dtype == np.float32
+    np.testing.assert_allclose(targets.sum(0), one_hot.sum(0), rtol=1e-5)  # a reordering keeps the class totals
+    assert 0 < lam < 1 and not np.allclose(mixed, inputs)
+    assert pipeline.mixup(inputs, labels, None, np.random.default_rng(7), 0.4, n_classes)[2] is None
