@@ -301,25 +301,36 @@ class _Snapshots(keras.callbacks.Callback):
             self.end = self._weights()
 
 
+def _dense_classifier(n_classes: int, seed: int) -> tuple:
+    """(features, class indices, an untrained one-layer classifier, its class probabilities) for
+    checking a loss by hand; two classes use one sigmoid unit, as the models here do."""
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(8, 3)).astype("float32")
+    labels = rng.integers(0, n_classes, 8)
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(1 if n_classes == 2 else n_classes,
+                                                   activation="sigmoid" if n_classes == 2 else "softmax")(inputs))
+    predicted = model.predict(features, verbose=0)
+    return features, labels, model, np.hstack([1 - predicted, predicted]) if n_classes == 2 else predicted
+
+
+def _as_fed(targets: np.ndarray, n_classes: int) -> np.ndarray:
+    """Class indices or soft targets as the feeds give them: one sigmoid unit gets P(class 1), (N, 1)."""
+    if targets.ndim == 1:
+        return targets.reshape(-1, 1).astype("float32") if n_classes == 2 else targets
+    return targets[:, 1:] if n_classes == 2 else targets
+
+
 @pytest.mark.parametrize("n_classes", [2, 4])
 def test_label_smoothing_scores_against_the_smoothed_targets(n_classes):
     from benchmark.trainer import compile_model, make_optimizer
 
-    rng = np.random.default_rng(0)
-    features = rng.normal(size=(8, 3)).astype("float32")
-    labels = rng.integers(0, n_classes, 8)
-    inputs = keras.Input((3,))
-    outputs = keras.layers.Dense(1 if n_classes == 2 else n_classes,
-                                 activation="sigmoid" if n_classes == 2 else "softmax")(inputs)
-    model = keras.Model(inputs, outputs)
-    predicted = model.predict(features, verbose=0)
-    probabilities = np.hstack([1 - predicted, predicted]) if n_classes == 2 else predicted
+    features, labels, model, probabilities = _dense_classifier(n_classes, 0)
     for smoothing in (0.0, 0.3):
         targets = np.eye(n_classes)[labels] * (1 - smoothing) + smoothing / n_classes
         expected = -(targets * np.log(probabilities)).sum(1).mean()
         compile_model(model, n_classes, make_optimizer(1e-3), "off", label_smoothing=smoothing)
-        y = labels.reshape(-1, 1).astype("float32") if n_classes == 2 else labels
-        got = model.evaluate(features, y, batch_size=8, verbose=0, return_dict=True)["loss"]
+        got = model.evaluate(features, _as_fed(labels, n_classes), batch_size=8, verbose=0, return_dict=True)["loss"]
         assert got == pytest.approx(expected, rel=1e-4), smoothing
 
 
@@ -328,20 +339,11 @@ def test_soft_targets_score_as_cross_entropy_and_class_indices_as_before(n_class
     """With mixup the loss takes soft targets on training batches and class indices on validation."""
     from benchmark.trainer import compile_model, make_optimizer
 
-    rng = np.random.default_rng(1)
-    features = rng.normal(size=(8, 3)).astype("float32")
-    labels = rng.integers(0, n_classes, 8)
-    inputs = keras.Input((3,))
-    model = keras.Model(inputs, keras.layers.Dense(1 if n_classes == 2 else n_classes,
-                                                   activation="sigmoid" if n_classes == 2 else "softmax")(inputs))
-    predicted = model.predict(features, verbose=0)
-    probabilities = np.hstack([1 - predicted, predicted]) if n_classes == 2 else predicted
-    soft = rng.dirichlet(np.ones(n_classes), 8).astype("float32")
+    features, labels, model, probabilities = _dense_classifier(n_classes, 1)
+    soft = np.random.default_rng(2).dirichlet(np.ones(n_classes), 8).astype("float32")
     compile_model(model, n_classes, make_optimizer(1e-3), "off", soft_targets=True)
-    for targets, y in ((np.eye(n_classes)[labels], labels), (soft, soft)):
-        y = y.reshape(-1, 1).astype("float32") if n_classes == 2 and y is labels else y
-        y = y[:, 1:] if n_classes == 2 and y is soft else y  # one sigmoid unit: the probability of class 1
-        got = model.evaluate(features, y, batch_size=8, verbose=0, return_dict=True)
+    for targets, fed in ((np.eye(n_classes)[labels], labels), (soft, soft)):
+        got = model.evaluate(features, _as_fed(fed, n_classes), batch_size=8, verbose=0, return_dict=True)
         assert got["loss"] == pytest.approx(-(targets * np.log(probabilities)).sum(1).mean(), rel=1e-4)
         assert got["accuracy"] == pytest.approx(np.mean(probabilities.argmax(1) == targets.argmax(1)))
 
