@@ -348,9 +348,11 @@ def test_soft_targets_score_as_cross_entropy_and_class_indices_as_before(n_class
         assert got["accuracy"] == pytest.approx(np.mean(probabilities.argmax(1) == targets.argmax(1)))
 
 
+@pytest.mark.parametrize("mode", ["binary", "4class"])
 @pytest.mark.parametrize("views", [0, 2], ids=["streamed", "cached"])
-def test_mixup_feeds_soft_targets_to_training_and_class_indices_to_validation(views, tmp_path):
-    dataset, parts = _tiny_parts(tmp_path, "4class")
+def test_mixup_feeds_soft_targets_to_training_and_class_indices_to_validation(views, mode, tmp_path):
+    dataset, parts = _tiny_parts(tmp_path, mode)
+    n_classes = len(dataset.class_names)
     prepared = recipe.Prepared(dataset, parts, "tiny", "tiny")
     config = load_config(None, ["train.epochs1=1", "train.epochs2=1", "train.unfreeze=1", "train.verbose=0",
                                 "train.eager=true", "train.batch_size=8", f"train.cache_views={views}",
@@ -358,16 +360,17 @@ def test_mixup_feeds_soft_targets_to_training_and_class_indices_to_validation(vi
     spec = backbones.get("vgg16")
     keras.utils.set_random_seed(0)
     base, _ = backbones.build_base(spec, 32, "none")
-    model = build_classifier(base, 32, 4, 8, 0.0)
+    model = build_classifier(base, 32, n_classes, 8, 0.0)
     feed = recipe.make_feed(config, prepared, spec, 32, "none", config.seed)
     _, train_data, val_data = feed.phase(model, base, spec, 1)
     x, targets, weights = (np.asarray(a) for a in next(iter(train_data)))
-    assert targets.shape == (len(x), 4) and (weights > 0).all()
-    np.testing.assert_allclose(targets.sum(1), 1, rtol=1e-5)
-    assert (targets.max(1) < 1).any()  # mixed rows, not one-hot labels
-    val_labels = val_data[1] if isinstance(val_data, tuple) else next(iter(val_data))[1]
-    assert np.asarray(val_labels).ndim == 1  # validation keeps its class indices
-    result = train_two_phase(model, base, spec, feed, config.train, 4)
+    one_hot = np.hstack([1 - targets, targets]) if n_classes == 2 else targets  # one sigmoid unit: P(class 1)
+    assert targets.shape == (len(x), 1 if n_classes == 2 else n_classes) and (weights > 0).all()
+    np.testing.assert_allclose(one_hot.sum(1), 1, rtol=1e-5)
+    assert ((one_hot > 0) & (one_hot < 1)).any()  # mixed rows, not labels
+    val_labels = np.asarray(val_data[1] if isinstance(val_data, tuple) else next(iter(val_data))[1])
+    assert set(np.unique(val_labels)) <= set(range(n_classes))  # validation keeps its labels
+    result = train_two_phase(model, base, spec, feed, config.train, n_classes)
     assert [e["phase"] for e in result.epochs] == [1, 2]
     assert all(0 <= e["accuracy"] <= 1 and np.isfinite(e["val_loss"]) for e in result.epochs)
 
