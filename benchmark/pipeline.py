@@ -162,7 +162,7 @@ def make_dataset(dataset: intake.Dataset, samples: list[intake.Sample], preproce
 
         def mixed(inputs, label, *weight):
             outputs = tf.numpy_function(
-                lambda x, y, *w: [a for a in mixup(x, y, w[0] if w else None, rng, mix, n_classes) if a is not None],
+                lambda x, y, *w: mixup(x, y, w[0] if w else None, rng, mix, n_classes)[:2 + len(w)],
                 [inputs, label, *weight], [tf.float32] * (2 + len(weight)), stateful=True)
             targets = tf.ensure_shape(outputs[1], (None, 1) if n_classes == 2 else (None, n_classes))
             return (tf.ensure_shape(outputs[0], inputs.shape), targets, *outputs[2:])

@@ -225,8 +225,12 @@ def _aligned(frames: list[pd.DataFrame]) -> list[pd.DataFrame] | None:
     return ordered
 
 
+def _probability_columns(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c.startswith("prob_")]
+
+
 def _probabilities(frame: pd.DataFrame) -> np.ndarray:
-    return frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
+    return frame[_probability_columns(frame)].to_numpy()
 
 
 def _ensemble(frames: dict) -> pd.DataFrame | None:
@@ -235,9 +239,9 @@ def _ensemble(frames: dict) -> pd.DataFrame | None:
     ordered = _aligned(list(frames.values()))
     if ordered is None:
         return None
-    columns = [c for c in ordered[0].columns if c.startswith("prob_")]
     mean = np.mean([_probabilities(f) for f in ordered], axis=0)
-    return pd.concat([ordered[0][["source", "label"]], pd.DataFrame(mean, columns=columns)], axis=1)
+    return pd.concat([ordered[0][["source", "label"]],
+                      pd.DataFrame(mean, columns=_probability_columns(ordered[0]))], axis=1)
 
 
 def _pair(split: str, name_a: str, a: pd.DataFrame, name_b: str, b: pd.DataFrame, resamples: int) -> dict:

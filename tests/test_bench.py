@@ -215,8 +215,8 @@ def test_pairs_and_the_ensemble_match_images_by_name_and_refuse_different_images
     assert ensemble["source"].tolist() == ["a.png", "b.png", "c.png", "d.png"]
     assert ensemble["prob_yes"].tolist() == pytest.approx([0.85, 0.15, 0.55, 0.45])  # all 4 right
     other = frame(["a.png", "b.png", "c.png", "e.png"], [1, 0, 1, 0], [0.9, 0.2, 0.4, 0.3])
-    assert report._pair("val", "A", a, "C", other, resamples=200)["note"].startswith("not the same images")
-    assert report._pair("val", "A", a, "C", other, resamples=200)["n_images"] == 3
+    refused = report._pair("val", "A", a, "C", other, resamples=200)
+    assert refused["note"].startswith("not the same images") and refused["n_images"] == 3
     assert report._ensemble({"A": a, "C": other}) is None
 
 
@@ -279,6 +279,19 @@ def _tiny_parts(tmp_path, mode="binary"):
 
     dataset = intake.load_dataset(phantom_dataset(mode, per_class=6, size=32, seed=1, cache=tmp_path))
     return dataset, intake.split(dataset, 0.34, seed=1)
+
+
+def _tiny_model_and_feed(tmp_path, name: str, mode: str, *overrides) -> tuple:
+    """(spec, dataset, parts, config, base, model, feed): `name` from random init at 32 px with an
+    8-unit head, on the tiny phantom set of `mode`; phase 2 unfreezes its top group."""
+    spec = backbones.get(name)
+    dataset, parts = _tiny_parts(tmp_path, mode)
+    config = load_config(None, ["train.unfreeze=1", "train.verbose=0", *overrides])
+    keras.utils.set_random_seed(0)
+    base, _ = backbones.build_base(spec, 32, "none")
+    model = build_classifier(base, 32, len(dataset.class_names), 8, 0.0)
+    feed = recipe.make_feed(config, recipe.Prepared(dataset, parts, "tiny", "tiny"), spec, 32, "none", config.seed)
+    return spec, dataset, parts, config, base, model, feed
 
 
 class _Snapshots(keras.callbacks.Callback):
@@ -351,17 +364,10 @@ def test_soft_targets_score_as_cross_entropy_and_class_indices_as_before(n_class
 @pytest.mark.parametrize("mode", ["binary", "4class"])
 @pytest.mark.parametrize("views", [0, 2], ids=["streamed", "cached"])
 def test_mixup_feeds_soft_targets_to_training_and_class_indices_to_validation(views, mode, tmp_path):
-    dataset, parts = _tiny_parts(tmp_path, mode)
+    spec, dataset, parts, config, base, model, feed = _tiny_model_and_feed(
+        tmp_path, "vgg16", mode, "train.epochs1=1", "train.epochs2=1", "train.eager=true", "train.batch_size=8",
+        f"train.cache_views={views}", "train.mixup=0.4")
     n_classes = len(dataset.class_names)
-    prepared = recipe.Prepared(dataset, parts, "tiny", "tiny")
-    config = load_config(None, ["train.epochs1=1", "train.epochs2=1", "train.unfreeze=1", "train.verbose=0",
-                                "train.eager=true", "train.batch_size=8", f"train.cache_views={views}",
-                                "train.mixup=0.4"])
-    spec = backbones.get("vgg16")
-    keras.utils.set_random_seed(0)
-    base, _ = backbones.build_base(spec, 32, "none")
-    model = build_classifier(base, 32, n_classes, 8, 0.0)
-    feed = recipe.make_feed(config, prepared, spec, 32, "none", config.seed)
     _, train_data, val_data = feed.phase(model, base, spec, 1)
     x, targets, weights = (np.asarray(a) for a in next(iter(train_data)))
     one_hot = np.hstack([1 - targets, targets]) if n_classes == 2 else targets  # one sigmoid unit: P(class 1)
@@ -530,15 +536,8 @@ def test_batchnorm_trained_from_scratch_forgets_its_initial_statistics_within_an
 def _train_tiny_and_predict(tmp_path, name: str, *overrides) -> tuple:
     """Both phases of `name` (random init, 32 px) on two tiny classes, with every epoch's validation
     outputs kept; and what the model it ends with predicts on the validation images."""
-    spec = backbones.get(name)
-    dataset, parts = _tiny_parts(tmp_path)
-    prepared = recipe.Prepared(dataset, parts, "tiny", "tiny")
-    config = load_config(None, ["train.lr1=1e-2", "train.unfreeze=1", "train.verbose=0", "train.batch_size=4",
-                                "train.cache_views=2", *overrides])
-    keras.utils.set_random_seed(0)
-    base, _ = backbones.build_base(spec, 32, "none")
-    model = build_classifier(base, 32, 2, 8, 0.0)
-    feed = recipe.make_feed(config, prepared, spec, 32, "none", config.seed)
+    spec, dataset, parts, config, base, model, feed = _tiny_model_and_feed(
+        tmp_path, name, "binary", "train.lr1=1e-2", "train.batch_size=4", "train.cache_views=2", *overrides)
     labels = [s.label for s in parts["val"]]
     result = train_two_phase(model, base, spec, feed, config.train, 2, score=("accuracy", labels, dataset.class_names))
     return result, recipe._predict(model, dataset, parts["val"], spec, 32, 4)
