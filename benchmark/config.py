@@ -92,6 +92,10 @@ class TrainConfig:
     # between examples. It mixes what the trained part is fed: images when streamed, the cached
     # outputs of the frozen groups otherwise (manifold mixup). 0: off.
     mixup: float = 0.0
+    # Phase 2 keeps an exponential moving average of the trained weights (Polyak averaging; Keras'
+    # use_ema) over about this many last epochs, and scores, keeps and ends on the averaged weights:
+    # the last steps' noise on a few hundred images averages out. 0: off, the weights as trained.
+    ema_epochs: float = 0.0
     # Pretrained BatchNormalization in the unfrozen groups: "frozen" keeps the ImageNet statistics in
     # inference mode (the Keras guide, safest for small sets); "train" normalises with batch
     # statistics and updates them, adapting them to MRI (a base trained from scratch always trains them).
@@ -276,6 +280,7 @@ RULES: dict[str, tuple] = {
     "train.weight_decay": (_at_least(0), ">= 0"),
     "train.label_smoothing": (lambda v: 0 <= v < 1, "0 <= label_smoothing < 1"),
     "train.mixup": (lambda v: 0 <= v <= 10, "0..10 (0: off)"),
+    "train.ema_epochs": (lambda v: 0 <= v <= 100, "0..100 epochs (0: off)"),
     "train.schedule2": _one_of("plateau", "cosine"),
     "train.keep": _one_of("best", "last"),
     "train.batchnorm": _one_of("frozen", "train"),

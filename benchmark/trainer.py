@@ -107,13 +107,20 @@ class TrainResult:
         return self.val_outputs.get(self.best_epoch)
 
 
-def make_optimizer(learning_rate: float, weight_decay: float = 0.0, decay_steps: int = 0):
-    """Adam, or AdamW when `weight_decay` > 0; cosine decay to 0 over `decay_steps` when given."""
+def make_optimizer(learning_rate: float, weight_decay: float = 0.0, decay_steps: int = 0, ema_momentum: float = 0.0):
+    """Adam, or AdamW when `weight_decay` > 0; cosine decay to 0 over `decay_steps` when given; a
+    moving average of the weights with this momentum when > 0 (swapped in by SwapEMAWeights)."""
     schedule = (keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps) if decay_steps > 0
                 else learning_rate)
+    averaging = {"use_ema": True, "ema_momentum": ema_momentum} if ema_momentum > 0 else {}
     if weight_decay > 0:
-        return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
-    return keras.optimizers.Adam(schedule)
+        return keras.optimizers.AdamW(schedule, weight_decay=weight_decay, **averaging)
+    return keras.optimizers.Adam(schedule, **averaging)
+
+
+def ema_momentum(ema_epochs: float, batches_per_epoch: int) -> float:
+    """The momentum m of a moving average whose window, 1 / (1 - m) steps, spans `ema_epochs`."""
+    return max(0.0, 1.0 - 1.0 / (ema_epochs * batches_per_epoch)) if ema_epochs > 0 else 0.0
 
 
 def _soft(labels, n_classes: int) -> bool:
@@ -186,7 +193,8 @@ def train_two_phase(model, base, spec, feed, train_config, n_classes: int, callb
     phase 1 is skipped, and that starting point counts as a candidate for the best weights, so
     fine-tuning can't end on weights with a higher validation loss than the probe's. With `keep =
     "last"` phase 2 runs all its epochs and ends on the last one's weights instead (best_epoch
-    then names that epoch).
+    then names that epoch). With `ema_epochs` > 0, phase 2's epochs are validated, kept and ended
+    on a moving average of the weights over about that many last epochs instead.
     """
     cfg = train_config
     result = TrainResult()
@@ -218,10 +226,12 @@ def train_two_phase(model, base, spec, feed, train_config, n_classes: int, callb
         if phase == 2 and head_ready and epoch == 0 and not keep_last:
             keep_best.consider(model, fit_model, val_data, n_classes, epoch=-1, label_smoothing=cfg.label_smoothing)
         cosine = phase == 2 and cfg.schedule2 == "cosine"
-        decay_steps = epochs * _batches_per_epoch(train_data) if cosine else 0
-        compile_model(fit_model, n_classes, make_optimizer(learning_rate, cfg.weight_decay if phase == 2 else 0.0,
-                                                           decay_steps), cfg.jit_compile, cfg.eager,
-                      cfg.label_smoothing, soft_targets=cfg.mixup > 0)
+        batches = _batches_per_epoch(train_data)
+        momentum = ema_momentum(cfg.ema_epochs, batches) if phase == 2 else 0.0
+        optimizer = make_optimizer(learning_rate, cfg.weight_decay if phase == 2 else 0.0,
+                                   epochs * batches if cosine else 0, momentum)
+        compile_model(fit_model, n_classes, optimizer, cfg.jit_compile, cfg.eager, cfg.label_smoothing,
+                      soft_targets=cfg.mixup > 0)
         result.trainable_params = sum(int(np.prod(w.shape)) for w in fit_model.trainable_weights)
         scoring = []
         if score:
@@ -240,6 +250,8 @@ def train_two_phase(model, base, spec, feed, train_config, n_classes: int, callb
             shuffle=False,  # the feeds shuffle
             callbacks=[
                 nan_guard,
+                # Before the rest: validation, the best weights and the scores see the averaged weights.
+                *([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if momentum > 0 else []),
                 *([] if keep_last else [keep_best, keras.callbacks.EarlyStopping(monitor="val_loss",
                                                                                   patience=cfg.patience)]),
                 *([] if cosine else [keras.callbacks.ReduceLROnPlateau(

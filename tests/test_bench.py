@@ -20,7 +20,7 @@ import backbones
 from benchmark import audit, bench, cli, intake, metrics, pipeline, probe, recipe, report, tracking
 from benchmark.config import load_config
 from benchmark.model import adapt_batchnorm, build_classifier
-from benchmark.trainer import TrainingFailed, train_two_phase
+from benchmark.trainer import TrainingFailed, ema_momentum, train_two_phase
 from conftest import clean_env, image_folder, skip_serving_rehearsal
 
 TINY = [
@@ -533,13 +533,14 @@ def test_batchnorm_trained_from_scratch_forgets_its_initial_statistics_within_an
     assert momenta == ({0.9} if weights == "none" else {0.99})
 
 
-def _train_tiny_and_predict(tmp_path, name: str, *overrides) -> tuple:
+def _train_tiny_and_predict(tmp_path, name: str, *overrides, callbacks=()) -> tuple:
     """Both phases of `name` (random init, 32 px) on two tiny classes, with every epoch's validation
     outputs kept; and what the model it ends with predicts on the validation images."""
     spec, dataset, parts, config, base, model, feed = _tiny_model_and_feed(
         tmp_path, name, "binary", "train.lr1=1e-2", "train.batch_size=4", "train.cache_views=2", *overrides)
     labels = [s.label for s in parts["val"]]
-    result = train_two_phase(model, base, spec, feed, config.train, 2, score=("accuracy", labels, dataset.class_names))
+    result = train_two_phase(model, base, spec, feed, config.train, 2, callbacks=callbacks,
+                             score=("accuracy", labels, dataset.class_names))
     return result, recipe._predict(model, dataset, parts["val"], spec, 32, 4)
 
 
@@ -564,6 +565,57 @@ def test_keep_last_runs_phase_two_to_the_end_and_ends_on_its_last_epoch(tmp_path
     losses = [e["val_loss"] for e in result.epochs]
     assert min(losses) < losses[-1]  # the best epoch was another: restoring it would differ
     np.testing.assert_allclose(metrics.class_probabilities(result.val_outputs[4]), on_images, atol=2e-3)
+
+
+class _PhaseTwoSteps(keras.callbacks.Callback):
+    """The trained weights after every step of phase 2 and at every epoch's end (what the
+    callbacks before this one, which keep the best weights and score the epoch, saw), and the
+    variables themselves, to read what the run ends with."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.steps, self.epoch_ends, self.variables = 0, [], [], []
+
+    def _values(self):
+        return [w.numpy().copy() for w in self.variables]
+
+    def on_train_begin(self, logs=None):
+        self.calls += 1
+        if self.calls == 2:
+            self.variables = self.model.trainable_weights
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.calls == 2:
+            self.steps.append(self._values())
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.calls == 2:
+            self.epoch_ends.append(self._values())
+
+
+def test_weight_averaging_scores_keeps_and_ends_on_the_moving_average(tmp_path):
+    """train.ema_epochs: phase 2's epochs are scored and kept on the moving average of the weights
+    after each step, avg = m avg + (1 - m) w with a window of 1 / (1 - m) steps = ema_epochs epochs,
+    and the run ends on the average after the last step (train.keep = "last")."""
+    steps = _PhaseTwoSteps()
+    result, _ = _train_tiny_and_predict(
+        tmp_path, "vgg16", "train.epochs1=1", "train.epochs2=3", "train.lr2=3e-2", 'train.keep="last"',
+        "train.ema_epochs=1", callbacks=[steps])
+    assert [e["epoch"] for e in result.epochs if e["phase"] == 2] == [1, 2, 3]
+    batches = len(steps.steps) // 3
+    momentum = ema_momentum(1, batches)
+    assert batches > 1 and momentum == pytest.approx(1 - 1 / batches)
+    averages, average = [], steps.steps[0]  # the first step starts the average
+    for step, weights in enumerate(steps.steps):
+        average = [momentum * a + (1 - momentum) * w for a, w in zip(average, weights)] if step else weights
+        averages.append(average)
+    for epoch in range(3):
+        for got, want in zip(steps.epoch_ends[epoch], averages[(epoch + 1) * batches - 1]):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    ended = [w.numpy() for w in steps.variables]
+    for got, want in zip(ended, averages[-1]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert any(not np.allclose(got, raw, atol=1e-5) for got, raw in zip(ended, steps.steps[-1]))
 
 
 def test_nan_loss_fails_the_run_loudly(tmp_path, nan_plugin):
