@@ -107,12 +107,13 @@ class TrainResult:
         return self.val_outputs.get(self.best_epoch)
 
 
-def make_optimizer(learning_rate: float, weight_decay: float = 0.0, decay_steps: int = 0, ema_momentum: float = 0.0):
+def make_optimizer(learning_rate: float, weight_decay: float = 0.0, decay_steps: int = 0,
+                   average_momentum: float = 0.0):
     """Adam, or AdamW when `weight_decay` > 0; cosine decay to 0 over `decay_steps` when given; a
     moving average of the weights with this momentum when > 0 (swapped in by SwapEMAWeights)."""
     schedule = (keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps) if decay_steps > 0
                 else learning_rate)
-    averaging = {"use_ema": True, "ema_momentum": ema_momentum} if ema_momentum > 0 else {}
+    averaging = {"use_ema": True, "ema_momentum": average_momentum} if average_momentum > 0 else {}
     if weight_decay > 0:
         return keras.optimizers.AdamW(schedule, weight_decay=weight_decay, **averaging)
     return keras.optimizers.Adam(schedule, **averaging)
