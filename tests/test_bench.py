@@ -295,22 +295,22 @@ def _tiny_model_and_feed(tmp_path, name: str, mode: str, *overrides) -> tuple:
 
 
 class _Snapshots(keras.callbacks.Callback):
-    """Base weights per layer when phase 2 begins and ends (before the best-weights restore)."""
+    """Base weights per layer when phase 2 begins and ends (before the best-weights restore);
+    train_two_phase sets `phase` before each phase's fit."""
 
     def __init__(self, base):
         super().__init__()
-        self.base, self.calls, self.start, self.end = base, 0, None, None
+        self.base, self.phase, self.start, self.end = base, 0, None, None
 
     def _weights(self):
         return {layer.name: [w.numpy().copy() for w in layer.weights] for layer in self.base.layers}
 
     def on_train_begin(self, logs=None):
-        self.calls += 1
-        if self.calls == 2:
+        if self.phase == 2:
             self.start = self._weights()
 
     def on_train_end(self, logs=None):
-        if self.calls == 2:
+        if self.phase == 2:
             self.end = self._weights()
 
 
@@ -570,26 +570,25 @@ def test_keep_last_runs_phase_two_to_the_end_and_ends_on_its_last_epoch(tmp_path
 class _PhaseTwoSteps(keras.callbacks.Callback):
     """The trained weights after every step of phase 2 and at every epoch's end (what the
     callbacks before this one, which keep the best weights and score the epoch, saw), and the
-    variables themselves, to read what the run ends with."""
+    variables themselves, to read what the run ends with; train_two_phase sets `phase`."""
 
     def __init__(self):
         super().__init__()
-        self.calls, self.steps, self.epoch_ends, self.variables = 0, [], [], []
+        self.phase, self.steps, self.epoch_ends, self.variables = 0, [], [], []
 
     def _values(self):
         return [w.numpy().copy() for w in self.variables]
 
     def on_train_begin(self, logs=None):
-        self.calls += 1
-        if self.calls == 2:
+        if self.phase == 2:
             self.variables = self.model.trainable_weights
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.calls == 2:
+        if self.phase == 2:
             self.steps.append(self._values())
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.calls == 2:
+        if self.phase == 2:
             self.epoch_ends.append(self._values())
 
 
@@ -605,10 +604,9 @@ def test_weight_averaging_scores_keeps_and_ends_on_the_moving_average(tmp_path):
     batches = len(steps.steps) // 3
     momentum = ema_momentum(1, batches)
     assert batches > 1 and momentum == pytest.approx(1 - 1 / batches)
-    averages, average = [], steps.steps[0]  # the first step starts the average
-    for step, weights in enumerate(steps.steps):
-        average = [momentum * a + (1 - momentum) * w for a, w in zip(average, weights)] if step else weights
-        averages.append(average)
+    averages = [steps.steps[0]]  # the first step starts the average
+    for weights in steps.steps[1:]:
+        averages.append([momentum * a + (1 - momentum) * w for a, w in zip(averages[-1], weights)])
     for epoch in range(3):
         for got, want in zip(steps.epoch_ends[epoch], averages[(epoch + 1) * batches - 1]):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
