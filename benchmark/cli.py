@@ -266,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     report_cmd.add_argument("--source", default="bench", choices=["bench", "cv", "sweep"],
                             help="bench: newest bench run per backbone; cv: newest cross-validated one; "
                             "sweep: best sweep trial per backbone")
-    report_cmd.add_argument("--runs", metavar="ID[,ID...]", help="table exactly these runs (one per backbone; "
-                            "cv: the parents) instead of the newest")
+    report_cmd.add_argument("--runs", metavar="ID[,ID...]", help="table exactly these runs instead of the newest "
+                            "(cv: the parents); one backbone's runs more than once compares their recipes")
     report_cmd.set_defaults(run=_report)
     return parser
 

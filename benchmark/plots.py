@@ -50,7 +50,8 @@ def training_curves(epochs: list[dict], phase2_start: int, title: str):
 
 
 def comparison_bars(table, metrics: list[str], title: str):
-    """Grouped bars: one group per metric, one bar per backbone; 95% CI whiskers where the table has them."""
+    """Grouped bars: one group per metric, one bar per row (backbone, or recipe); 95% CI whiskers where
+    the table has them."""
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(metrics), 3.8))
     width = 0.8 / max(len(table), 1)
     for k, (_, row) in enumerate(table.iterrows()):
@@ -59,7 +60,7 @@ def comparison_bars(table, metrics: list[str], title: str):
         high = np.array([row.get(f"{m}_ci_high", np.nan) for m in metrics], dtype=float)
         whiskers = None if np.isnan(low).all() else np.nan_to_num(np.vstack([values - low, high - values]))
         ax.bar(np.arange(len(metrics)) + k * width, values, width, yerr=whiskers, capsize=3,
-               label=f"{row['backbone']} ({row['weights']})")
+               label=f"{row['backbone']} ({row['weights']}" + (f"; {row['recipe']})" if row.get("recipe") else ")"))
     ax.set_xticks(np.arange(len(metrics)) + width * (len(table) - 1) / 2, metrics)
     ax.set_ylim(0, 1)
     ax.set_ylabel("score (validation" + (", mean and 95% CI over folds)" if "folds" in table else ")"))

@@ -14,6 +14,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from . import plots, stats
+from .config import fold_recipe
 from .tracking import KIND_TAG, REGISTERED_TAG, SCORED_ON, register_champion
 
 HEADLINE = ["accuracy", "loss", "macro_f1", "roc_auc", "ece"]
@@ -43,7 +44,7 @@ def select_runs(client: MlflowClient, experiment_name: str, source: str = "bench
     because a command that started later, beside this one, would otherwise fill its table. Only runs
     scored on the same held-out images as `made` (else as the newest of them) join it: a backbone
     last run on other folds or another split is left out, with a line saying so. `only`: exactly
-    these runs (`report --runs`), one per backbone, e.g. several backbones on one split."""
+    these runs (`report --runs`), e.g. several backbones on one split, or one backbone's recipes."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise LookupError(f"MLflow has no experiment {experiment_name!r}; run `make bench` for that data first")
@@ -82,14 +83,45 @@ def _exactly(runs: list, run_ids: list[str], experiment_name: str, source: str) 
                 else "a cross-validated run needs --source cv")
         raise LookupError(f"not finished {source} runs of experiment {experiment_name!r}: "
                           f"{', '.join(missing)}; {hint}")
-    chosen: dict[str, object] = {}
-    for run_id in dict.fromkeys(run_ids):
-        name = by_id[run_id].data.params.get("backbone")
-        if name in chosen:
-            raise LookupError(f"runs {chosen[name].info.run_id} and {run_id} are both {name}: a table has "
-                              f"one row per backbone")
-        chosen[name] = by_id[run_id]
-    return [chosen[name] for name in sorted(chosen)]
+    chosen = [by_id[run_id] for run_id in dict.fromkeys(run_ids)]
+    return sorted(chosen, key=lambda run: run.data.params.get("backbone", ""))
+
+
+def recipe_differences(client: MlflowClient, runs: list) -> dict[str, str]:
+    """For a backbone tabled more than once (`report --runs`, recipes compared), what tells its runs
+    apart, per run id: the recipe settings (config.fold_recipe of the config saved with each run)
+    whose values differ among them, as `train.epochs2=12, train.cache_views=4`; its run id where
+    the saved configs do not tell it apart. Backbones tabled once get nothing."""
+    by_backbone: dict[str, list] = {}
+    for run in runs:
+        by_backbone.setdefault(run.data.params.get("backbone"), []).append(run)
+    texts = {}
+    for same in (same for same in by_backbone.values() if len(same) > 1):
+        settings = {run.info.run_id: _recipe_settings(client, run) for run in same}
+        keys = list(dict.fromkeys(key for values in settings.values() for key in values))
+        differ = [key for key in keys if len({repr(values.get(key)) for values in settings.values()}) > 1]
+        for run_id, values in settings.items():
+            texts[run_id] = ", ".join(f"{key}={values.get(key)}" for key in differ if key in values) or f"run {run_id}"
+    return texts
+
+
+def _recipe_settings(client: MlflowClient, run) -> dict:
+    """The run's saved recipe as flat `section.key` settings; none when it saved no readable config."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            text = Path(client.download_artifacts(run.info.run_id, "config.toml", tmp)).read_text()
+        except (OSError, MlflowException):
+            return {}
+    recipe = fold_recipe(text, int(run.data.params.get("input_size", 0))) or {}
+    return {(f"{section}.{key}" if isinstance(values, dict) else section): value
+            for section, values in recipe.items()
+            for key, value in (values.items() if isinstance(values, dict) else [(None, values)])}
+
+
+def row_name(backbone: str, recipe) -> str:
+    """A table row's name in pairs and messages: its backbone, and its recipe (recipe_differences;
+    empty or NaN when the table has one row for this backbone)."""
+    return f"{backbone} ({recipe})" if isinstance(recipe, str) and recipe else backbone
 
 
 SCORE = {"bench": "val_macro_f1", "cv": "val_macro_f1_mean"}
@@ -108,15 +140,19 @@ def _metric_names(classes: list[str]) -> list[str]:
     return HEADLINE + (BINARY if len(classes) == 2 else []) + per_class
 
 
-def comparison_table(runs: list, source: str = "bench") -> pd.DataFrame:
-    """One row per backbone. Every metric column says its split (val_, test_); cross-validated
-    runs give the mean over folds with its 95% CI as <column>_ci_low / _ci_high."""
+def comparison_table(runs: list, source: str = "bench", recipes: dict | None = None) -> pd.DataFrame:
+    """One row per run (per backbone, unless `recipes`, recipe_differences, names what tells one
+    backbone's runs apart: then a `recipe` column). Every metric column says its split (val_, test_);
+    cross-validated runs give the mean over folds with its 95% CI as <column>_ci_low / _ci_high."""
     rows = []
     for run in runs:
         m, p = run.data.metrics, run.data.params
         classes = json.loads(p["class_names"])
-        row = {"backbone": p["backbone"], "weights": "scratch" if p["weights"] == "none" else p["weights"],
-               "input_px": p.get("input_size", "n/a")}
+        row = {"backbone": p["backbone"]}
+        if recipes:
+            row["recipe"] = recipes.get(run.info.run_id, "")
+        row.update({"weights": "scratch" if p["weights"] == "none" else p["weights"],
+                    "input_px": p.get("input_size", "n/a")})
         if source == "cv":
             scored = [n for n in p.get("folds_scored", "").split(",") if n]  # data.only_folds: some of k
             row["folds"] = (f"{'+'.join(scored)} of {p['folds']}" if scored and len(scored) < int(p["folds"])
@@ -263,14 +299,17 @@ def _pair(split: str, name_a: str, a: pd.DataFrame, name_b: str, b: pd.DataFrame
     return row
 
 
-def paired_comparisons(client: MlflowClient, runs: list, source: str, resamples: int) -> pd.DataFrame:
-    """Every pair of backbones scored on the same images: accuracy and macro-F1 differences (a - b)
-    with paired-bootstrap 95% CIs, and McNemar's exact test on which images each got right; then the
-    ensemble of all rows (probabilities averaged per image) against each row; per split of
-    PREDICTIONS that every run has, with and without the flip."""
+def paired_comparisons(client: MlflowClient, runs: list, source: str, resamples: int,
+                       recipes: dict | None = None) -> pd.DataFrame:
+    """Every pair of rows (backbones, or one backbone's `recipes`: see comparison_table) scored on the
+    same images: accuracy and macro-F1 differences (a - b) with paired-bootstrap 95% CIs, and
+    McNemar's exact test on which images each got right; then the ensemble of all rows (probabilities
+    averaged per image) against each row; per split of PREDICTIONS that every run has, with and
+    without the flip."""
     rows = []
     for split, artifact in PREDICTIONS[source].items():
-        frames = {run.data.params["backbone"]: _predictions(client, run, artifact) for run in runs}
+        frames = {row_name(run.data.params["backbone"], (recipes or {}).get(run.info.run_id)):
+                  _predictions(client, run, artifact) for run in runs}
         if any(frame is None for frame in frames.values()):
             continue
         rows += [_pair(split, name_a, a, name_b, b, resamples)
@@ -361,7 +400,7 @@ def terminal(table: pd.DataFrame, source: str = "bench") -> str:
     rows = [[title for _, title in columns]] + [[cell(row, key) for key, _ in columns] for _, row in table.iterrows()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     lines = ["  ".join(text.ljust(width) for text, width in zip(r, widths)).rstrip() for r in rows]
-    flagged = [f"{row['backbone']}: {row['vs_probe']}" for _, row in table.iterrows()
+    flagged = [f"{row_name(row['backbone'], row.get('recipe'))}: {row['vs_probe']}" for _, row in table.iterrows()
                if _row_below_probe(row) or row.get(FOLDS_BELOW_PROBE, 0) > 0]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:], *flagged]) + "\n"
 
@@ -376,9 +415,11 @@ FIGURES = {"bench": ["training_curves.png", "confusion_matrix_val.png", "reliabi
            "cv": ["confusion_matrix_oof.png", "reliability_oof.png", "label_review_oof.csv"]}
 
 
-def copy_run_figures(client: MlflowClient, runs: list, out_dir: Path, source: str = "bench") -> list[Path]:
+def copy_run_figures(client: MlflowClient, runs: list, out_dir: Path, source: str = "bench",
+                     recipes: dict | None = None) -> list[Path]:
     """Each run's figures (and a CV run's label-review list), fetched from MLflow, as
-    <backbone>-<file> (those a run lacks are skipped)."""
+    <backbone>-<file>, or <backbone>-<run id>-<file> for a run among `recipes` (those a run lacks
+    are skipped)."""
     copied = []
     for run in runs:
         for figure in FIGURES[source]:
@@ -387,7 +428,8 @@ def copy_run_figures(client: MlflowClient, runs: list, out_dir: Path, source: st
                     local = client.download_artifacts(run.info.run_id, figure, tmp)
                 except (OSError, MlflowException):
                     continue
-                target = out_dir / f"{run.data.params['backbone']}-{figure}"
+                run_id = f"-{run.info.run_id}" if run.info.run_id in (recipes or {}) else ""
+                target = out_dir / f"{run.data.params['backbone']}{run_id}-{figure}"
                 shutil.copyfile(local, target)
                 copied.append(target)
     return copied
@@ -415,11 +457,12 @@ def build(client: MlflowClient, experiment_name: str, runs: list, results_dir: P
     register_best, and re-read the runs so that the table's `registered` column shows it."""
     if register and register_best(client, experiment_name, runs, source):
         runs = [client.get_run(run.info.run_id) for run in runs]
-    table = comparison_table(runs, source)
-    pairs = paired_comparisons(client, runs, source, resamples) if len(runs) > 1 else None
+    recipes = recipe_differences(client, runs)
+    table = comparison_table(runs, source, recipes)
+    pairs = paired_comparisons(client, runs, source, resamples, recipes) if len(runs) > 1 else None
     out_dir = Path(results_dir) / experiment_name / {"bench": "", "cv": "cv", "sweep": "sweep"}[source]
     what = {"bench": "backbone comparison", "cv": "cross-validated backbone comparison",
             "sweep": "best sweep trial per backbone"}[source]
     paths = write(table, out_dir, f"{experiment_name}: {what}", pairs, source)
-    copy_run_figures(client, runs, out_dir, source)
+    copy_run_figures(client, runs, out_dir, source, recipes)
     return table, paths

@@ -172,7 +172,7 @@ def test_report_runs_tables_the_runs_named_on_the_command_line(benched, tmp_path
     assert list(written["run_id"]) == list(picked["run_id"]) and len(table) > 2
 
 
-def test_report_runs_refuses_unknown_unfinished_and_same_backbone_runs(tmp_path):
+def test_report_runs_refuses_unknown_and_unfinished_runs(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id = client.create_experiment("set")
 
@@ -196,8 +196,45 @@ def test_report_runs_refuses_unknown_unfinished_and_same_backbone_runs(tmp_path)
     with pytest.raises(LookupError, match="named by its parent"):  # a fold's run, asked for as a cv table row
         report.select_runs(client, "set", source="cv", only=[fold])
     assert [r.info.run_id for r in report.select_runs(client, "set", source="cv", only=[parent])] == [parent]
-    with pytest.raises(LookupError, match=f"runs {old_vgg} and {new_vgg} are both vgg16"):
-        report.select_runs(client, "set", only=[old_vgg, new_vgg])
+
+
+def test_report_runs_compares_the_recipes_of_one_backbone_by_their_saved_configs(tmp_path):
+    """Two runs of one backbone (`report --runs`) are two rows named by the recipe settings their
+    saved configs differ in (not where their results went), and are paired image by image."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("set")
+    truth = [0, 1, 0, 1]
+
+    def run(backbone, overrides, p_yes):
+        made = client.create_run(experiment_id, tags={tracking.KIND_TAG: "bench"}).info.run_id
+        for key, value in {"backbone": backbone, "weights": "imagenet", "input_size": 224,
+                           "class_names": json.dumps(["no", "yes"])}.items():
+            client.log_param(made, key, value)
+        accuracy = float(np.mean((np.asarray(p_yes) > 0.5) == np.asarray(truth)))
+        client.log_metric(made, "val_accuracy", accuracy)
+        client.log_text(made, load_config(None, overrides).to_toml(), "config.toml")
+        predictions = pd.DataFrame({"source": ["a", "b", "c", "d"], "label": truth,
+                                    "prob_no": 1 - np.asarray(p_yes), "prob_yes": p_yes})
+        client.log_text(made, predictions.to_csv(index=False), "predictions_val.csv")
+        client.set_terminated(made, "FINISHED")
+        return made
+
+    six = run("efficientnet_lite0", ["train.epochs2=6", 'tracking.results_dir="one"'], [0.2, 0.9, 0.6, 0.4])
+    twelve = run("efficientnet_lite0", ["train.epochs2=12", "train.cache_views=8", 'tracking.results_dir="two"'],
+                 [0.1, 0.8, 0.3, 0.7])
+    vgg = run("vgg16", ["train.epochs2=6"], [0.6, 0.4, 0.6, 0.4])
+    runs = report.select_runs(client, "set", only=[twelve, vgg, six])
+    assert [r.info.run_id for r in runs] == [twelve, six, vgg]
+    table, paths = report.build(client, "set", runs, tmp_path / "results", resamples=200)
+    assert table["recipe"].tolist() == ["train.epochs2=12, train.cache_views=8", "train.epochs2=6, train.cache_views=4",
+                                        ""]
+    pairs = pd.read_csv(paths["pairs"]).set_index(["split", "a", "b"])
+    twelve_six = pairs.loc[("val", "efficientnet_lite0 (train.epochs2=12, train.cache_views=8)",
+                            "efficientnet_lite0 (train.epochs2=6, train.cache_views=4)")]
+    assert (twelve_six["accuracy_a"], twelve_six["accuracy_b"]) == (1.0, 0.5)
+    assert (twelve_six["only_a_right"], twelve_six["only_b_right"]) == (2, 0)
+    assert pairs.loc[("val", "efficientnet_lite0 (train.epochs2=6, train.cache_views=4)", "vgg16"), "accuracy_b"] == 0.0
+    assert "| efficientnet_lite0 | train.epochs2=12, train.cache_views=8 |" in paths["md"].read_text()
 
 
 def test_pairs_and_the_ensemble_match_images_by_name_and_refuse_different_images():
