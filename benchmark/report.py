@@ -101,7 +101,7 @@ def recipe_differences(client: MlflowClient, runs: list) -> dict[str, str]:
         keys = list(dict.fromkeys(key for values in settings.values() for key in values))
         differ = [key for key in keys if len({repr(values.get(key)) for values in settings.values()}) > 1]
         for run_id, values in settings.items():
-            texts[run_id] = ", ".join(f"{key}={values.get(key)}" for key in differ if key in values) or f"run {run_id}"
+            texts[run_id] = ", ".join(f"{key}={values[key]}" for key in differ if key in values) or f"run {run_id}"
     return texts
 
 
@@ -112,10 +112,13 @@ def _recipe_settings(client: MlflowClient, run) -> dict:
             text = Path(client.download_artifacts(run.info.run_id, "config.toml", tmp)).read_text()
         except (OSError, MlflowException):
             return {}
-    recipe = fold_recipe(text, int(run.data.params.get("input_size", 0))) or {}
-    return {(f"{section}.{key}" if isinstance(values, dict) else section): value
-            for section, values in recipe.items()
-            for key, value in (values.items() if isinstance(values, dict) else [(None, values)])}
+    settings = {}
+    for name, value in (fold_recipe(text, int(run.data.params.get("input_size", 0))) or {}).items():
+        if isinstance(value, dict):  # a [section]; top-level keys such as seed stay as they are
+            settings.update({f"{name}.{key}": setting for key, setting in value.items()})
+        else:
+            settings[name] = value
+    return settings
 
 
 def row_name(backbone: str, recipe) -> str:
