@@ -82,14 +82,22 @@ def _saved_model(client, run_id, tmp_path):
     return model
 
 
-def test_logged_metrics_equal_scikit_learn_on_the_saved_model(benched, tmp_path):
-    config, table, _, name = benched
+def _validation_runs(benched):
+    """The tiny bench's tracking client, prepared data, validation samples, their labels and its runs:
+    what the tests that rescore its saved models start from."""
+    config, _, _, name = benched
     client = MlflowClient(tracking.tracking_uri(config.tracking))
     prepared = recipe.prepare_data(config)
     val = prepared.parts["val"]
-    y = np.array([s.label for s in val])
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    return client, prepared, val, np.array([s.label for s in val]), runs
+
+
+def test_logged_metrics_equal_scikit_learn_on_the_saved_model(benched, tmp_path):
+    table = benched[1]
+    client, prepared, val, y, runs = _validation_runs(benched)
     classes = prepared.dataset.class_names
-    for run in client.search_runs([client.get_experiment_by_name(name).experiment_id]):
+    for run in runs:
         spec = backbones.get(run.data.params["backbone"])
         model = _saved_model(client, run.info.run_id, tmp_path)
         probs = model.predict(pipeline.make_dataset(prepared.dataset, val, spec.preprocess, 32, 8), verbose=0)
@@ -109,13 +117,9 @@ def test_logged_metrics_equal_scikit_learn_on_the_saved_model(benched, tmp_path)
 
 
 def test_test_time_flip_scores_are_the_mean_over_each_image_and_its_mirror(benched, tmp_path):
-    config, _, _, name = benched
-    client = MlflowClient(tracking.tracking_uri(config.tracking))
-    prepared = recipe.prepare_data(config)
-    val = prepared.parts["val"]
-    y = np.array([s.label for s in val])
+    client, prepared, val, y, runs = _validation_runs(benched)
     images = np.asarray(pipeline.decoded_images(prepared.dataset, val, 32), dtype=np.float32)
-    for run in client.search_runs([client.get_experiment_by_name(name).experiment_id]):
+    for run in runs:
         spec = backbones.get(run.data.params["backbone"])
         model = _saved_model(client, run.info.run_id, tmp_path)
         views = [model.predict(spec.preprocess(x), verbose=0) for x in (images, images[:, :, ::-1])]
