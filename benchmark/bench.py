@@ -13,7 +13,7 @@ import pandas as pd
 
 import backbones
 
-from . import audit, intake, metrics, mlflow_model, modelfile, pipeline, plots, recipe, report, stats, tracking
+from . import audit, intake, metrics, mlflow_model, modelfile, pipeline, plots, recipe, redact, report, stats, tracking
 from .config import fold_recipe
 from .trainer import TrainingFailed
 
@@ -317,7 +317,7 @@ def run(config) -> tuple:
     counts = ", ".join(f"{split} {len(samples)}" for split, samples in prepared.parts.items())
     layout = (f"{len(folds)} folds of about {len(folds[0].parts['val'])} images" if folds else counts)
     print(f"data set {prepared.name} ({prepared.path}): {len(prepared.dataset.class_names)} classes, {layout}; "
-          f"fingerprint {prepared.dataset.fingerprint}; tracking {client.tracking_uri}", flush=True)
+          f"fingerprint {prepared.dataset.fingerprint}; tracking {redact.mask(client.tracking_uri)}", flush=True)
     made = [(run_cross_validated(config, folds, name, weights[name], experiment) if folds else
              run_backbone(config, prepared, name, weights[name], experiment))["run_id"]
             for name in config.model.backbones]

@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import intake, quiet
+from . import intake, quiet, redact
 from .config import ConfigError, load_config
 
 # What can go wrong before or during a run that the user can fix: one clear line, exit code 1.
@@ -85,7 +85,8 @@ def _predict(args) -> int:
         for row in rows:
             probs = " ".join(f"{k.removeprefix('prob_')}={v:.4f}" for k, v in row.items()
                              if k.startswith("prob_") and v != "")
-            print(f"{row['path']}\t{row['predicted'] or 'ERROR'}\t{probs or row['error']}")
+            note = f"\tnote: {row['note']}" if row["note"] else ""
+            print(f"{row['path']}\t{row['predicted'] or 'ERROR'}\t{probs or row['error']}{note}")
     if scored:
         from .metrics import report_text
         print(f"scored {sum(r['support'] for r in scored['per_class'].values())} images against their class folders "
@@ -177,11 +178,15 @@ def _check_data(args) -> int:
     more = f" and {len(dataset.sizes) - 5} more" if len(dataset.sizes) > 5 else ""
     print(f"sizes:       {len(dataset.sizes)} distinct: {sizes}{more}")
     print(f"modes:       {', '.join(f'{m} ({n})' for m, n in dataset.modes.most_common())}")
-    print(f"problems:    {len(dataset.skipped)} bad file(s) skipped, {len(dataset.ignored)} non-image file(s) ignored")
-    for problem in dataset.skipped:
+    print(f"problems:    {len(dataset.skipped)} bad file(s) skipped, {len(dataset.ignored)} non-image file(s) ignored, "
+          f"{len(dataset.not_followed)} folder link(s) out of the data folder not followed")
+    for problem in dataset.skipped + dataset.not_followed:
         print(f"  skipped {problem}")
     for path in dataset.ignored:
         print(f"  ignored {path}: not an image file extension")
+    print(f"notes:       {len(dataset.notes)} on usable images")
+    for note in dataset.notes:
+        print(f"  note {note}")
     return 0
 
 
@@ -279,6 +284,7 @@ def stop_as_interrupted(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    redact.mask_output()  # before argparse: its own error lines can quote a URL
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, stop_as_interrupted)
     if args.command not in ("check-data", "audit"):  # TensorFlow's and MLflow's chatter hides the progress lines

@@ -10,6 +10,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .redact import mask
+
 
 class ConfigError(ValueError):
     """A config file or override that can't be used; names the file or key."""
@@ -182,7 +184,8 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
-        return to_toml(self.to_dict())
+        """The config as saved with runs: URL passwords masked (redact.mask)."""
+        return mask(to_toml(self.to_dict()))
 
 
 def _coerce(value, kind, where: str):

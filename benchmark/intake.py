@@ -7,8 +7,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import contextlib
 import re
+import stat
 import sys
+import threading
 import warnings
 import zipfile
 from collections import Counter
@@ -24,6 +27,12 @@ SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx"}
 READ_THREADS = min(8, (os.cpu_count() or 2) * 2)  # decoding is I/O and C code: threads overlap it
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "validation": "val", "test": "test",
                "testing": "test"}
+
+
+# Pillow's warnings (corrupt EXIF data, large images, palette transparency) are facts about one file:
+# intake and predict report them as that file's notes (_warnings_as_notes), never as raw warnings.
+warnings.filterwarnings("ignore", module=r"PIL\.")
+LARGE_PIXELS = 50_000_000  # far larger than any MRI slice: noted (Pillow refuses above 178,956,970)
 
 
 class DataError(ValueError):
@@ -62,6 +71,8 @@ class Dataset:
     modes: Counter = field(default_factory=Counter)
     skipped: list[Problem] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    not_followed: list[Problem] = field(default_factory=list)  # folder links leading out of the data folder
+    notes: list[Problem] = field(default_factory=list)  # usable images with something to say (decoder warnings)
     arrays: np.ndarray | None = None  # the X array of an .npz set (uint8), else None
     digests: dict[str, str] = field(default_factory=dict)  # source -> sha256 of its bytes
 
@@ -123,6 +134,20 @@ def _bomb_reason(err: Exception) -> str:
     return f"decompression bomb: {pixels:,} pixels, limit {limit:,}"
 
 
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(path: Path) -> str:
+    """Why `path` is no regular file ('' when it is one): a pipe or device is never opened, since
+    reading one can block forever or never end."""
+    mode = path.stat().st_mode
+    if stat.S_ISREG(mode):
+        return ""
+    kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "not a regular file")
+    return f"{kind}, not an image file: never opened"
+
+
 def _decode(path: Path) -> tuple[np.ndarray, str, tuple[int, int]]:
     """(RGB array, original mode, size); decoding fully catches truncation. Raises _BadImage(reason).
 
@@ -130,6 +155,8 @@ def _decode(path: Path) -> tuple[np.ndarray, str, tuple[int, int]]:
     ValueError, struct.error, EOFError, DecompressionBombError, ...) is this file's problem, never the
     run's: it becomes the reason, and the other files are still read and named."""
     try:
+        if special := _not_regular(path):
+            raise _BadImage(special)
         if path.stat().st_size == 0:
             raise _BadImage("zero-byte file")
         with Image.open(path) as image:
@@ -148,21 +175,64 @@ def _decode(path: Path) -> tuple[np.ndarray, str, tuple[int, int]]:
         raise _BadImage(f"corrupt or truncated image ({type(err).__name__}: {err})") from None
 
 
-def load_rgb(path: Path) -> np.ndarray:
-    """Decode one image file to (H, W, 3) uint8 RGB; raises DataError naming the file and the reason."""
+_reading = threading.local()  # .notes: the warnings of the file this thread is decoding
+
+
+@contextlib.contextmanager
+def warnings_as_notes():
+    """While open, Pillow's warnings go to the notes of the file being read in the warning's thread
+    (_decode_noting), not to the terminal. Files are read on several threads at once, and Python's
+    warning state is global: so this is opened once, around the reading, on the calling thread."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        show = warnings.showwarning
+
+        def to_notes(message, category, filename, lineno, file=None, line=None):
+            notes = getattr(_reading, "notes", None)
+            if notes is None:
+                show(message, category, filename, lineno, file, line)
+            elif not issubclass(category, Image.DecompressionBombWarning):  # the size note says it
+                notes.append(" ".join(str(message).split()))
+
+        warnings.showwarning = to_notes
+        yield
+
+
+def _decode_noting(path: Path) -> tuple[np.ndarray, str, tuple[int, int], list[str]]:
+    """_decode, and its notes: what Pillow warned about meanwhile (inside warnings_as_notes), and
+    that an image is far larger than an MRI slice."""
+    _reading.notes = notes = []
     try:
-        return _decode(path)[0]
+        pixels, mode, (width, height) = _decode(path)
+    finally:
+        _reading.notes = None
+    if width * height > LARGE_PIXELS:
+        notes.insert(0, f"large image: {width} x {height} ({width * height / 1e6:.0f} megapixels), "
+                        "far larger than an MRI slice")
+    return pixels, mode, (width, height), list(dict.fromkeys(notes))
+
+
+def load_rgb_noting(path: Path) -> tuple[np.ndarray, list[str]]:
+    """One image file as (H, W, 3) uint8 RGB, and its notes; raises DataError naming the file and the reason."""
+    try:
+        pixels, _, _, notes = _decode_noting(path)
     except _BadImage as bad:
         raise DataError(f"{path}: {bad}") from None
+    return pixels, notes
 
 
-def _inspect(path: Path) -> tuple[str, tuple[int, int], str, str]:
-    """(reason it is unusable or '', size, mode, content hash) of one image file."""
+def load_rgb(path: Path) -> np.ndarray:
+    """Decode one image file to (H, W, 3) uint8 RGB; raises DataError naming the file and the reason."""
+    return load_rgb_noting(path)[0]
+
+
+def _inspect(path: Path) -> tuple[str, tuple[int, int], str, str, list[str]]:
+    """(reason it is unusable or '', size, mode, content hash, notes) of one image file."""
     try:
-        _, mode, size = _decode(path)
+        _, mode, size, notes = _decode_noting(path)
     except _BadImage as bad:
-        return str(bad), (0, 0), "", ""
-    return "", size, mode, hashlib.sha256(path.read_bytes()).hexdigest()
+        return str(bad), (0, 0), "", "", []
+    return "", size, mode, hashlib.sha256(path.read_bytes()).hexdigest(), notes
 
 
 # ----------------------------------------------------------------------------------------- layout
@@ -170,23 +240,40 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name))
 
 
-def walk_files(folder: Path) -> list[Path]:
-    """Every non-hidden file below `folder`, following links but never looping."""
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def walk_files(folder: Path, within: Path | None = None) -> tuple[list[Path], list[Problem]]:
+    """Every non-hidden file below `folder`, and the folder links not followed. Links are followed
+    (`folder` itself, linked files, folder links that stay inside `within` or inside `folder`'s own
+    target), but a folder link deeper in that leads outside both is listed, not walked: a link to /
+    would take in the whole disk. Never loops."""
+    bounds = [os.path.realpath(folder)] + ([os.path.realpath(within)] if within else [])
     seen: set[str] = set()
     found: list[Path] = []
+    outside: list[Problem] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        kept = []
+        for name in sorted(d for d in dirnames if not _is_hidden(d)):
+            target = os.path.realpath(Path(dirpath) / name)
+            if any(_inside(target, bound) for bound in bounds):
+                kept.append(name)
+            else:
+                outside.append(Problem(str(Path(dirpath) / name),
+                                       f"folder link to {target}, outside {within or folder}: not followed"))
+        dirnames[:] = kept
         found.extend(Path(dirpath) / f for f in sorted(filenames) if not _is_hidden(f))
-    return found
+    return found, outside
 
 
 def _has_images(folder: Path) -> bool:
-    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in walk_files(folder))
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in walk_files(folder)[0])
 
 
 def _split_folders(folder: Path) -> dict[str, Path]:
@@ -291,16 +378,18 @@ def _read_folders(root: Path, splits: dict[str, Path], configured: list[str], sk
 
     candidates: list[tuple[str, Path, str]] = []  # (split, file, class)
     ignored: list[str] = []
+    not_followed: list[Problem] = []
     for split, folder in split_roots.items():
         for name in class_names:
-            files = walk_files(folder / name)
+            files, outside = walk_files(folder / name, within=root)
+            not_followed += outside
             images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
             ignored += [str(f.relative_to(root)) for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
             if not images:
                 raise DataError(f"{folder / name}: class folder '{name}' holds no images")
             candidates += [(split, f, name) for f in images]
 
-    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+    with warnings_as_notes(), ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
         inspected = list(pool.map(_inspect, [f for _, f, _ in candidates]))
 
     bad = [Problem(str(f), err) for (_, f, _), (err, *_rest) in zip(candidates, inspected) if err]
@@ -309,11 +398,12 @@ def _read_folders(root: Path, splits: dict[str, Path], configured: list[str], sk
         raise DataError(f"{len(bad)} unreadable file(s) under {root} (use --skip-bad to leave them out):\n  {listing}")
 
     dataset = Dataset(root, "split-folders" if splits else "folders", class_names, {}, "", skipped=bad,
-                      ignored=ignored)
+                      ignored=ignored, not_followed=not_followed)
     entries = []
-    for (split, path, name), (err, size, mode, digest) in zip(candidates, inspected):
+    for (split, path, name), (err, size, mode, digest, notes) in zip(candidates, inspected):
         if err:
             continue
+        dataset.notes += [Problem(str(path), note) for note in notes]
         rel = path.relative_to(root).as_posix()
         dataset.splits.setdefault(split, []).append(Sample(rel, index[name]))
         dataset.sizes[size] += 1

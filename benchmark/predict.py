@@ -81,26 +81,30 @@ def resolve_models(reference: str, tracking_config) -> list[Path]:
     return [tracking.run_model_file(client, run.info.run_id)]
 
 
-def image_files(paths: list[str]) -> list[Path]:
-    """Files named, and image files below folders named (recursively, hidden files skipped)."""
-    found = []
+def image_files(paths: list[str]) -> tuple[list[Path], list[intake.Problem]]:
+    """Files named, and image files below folders named (recursively, hidden files skipped); and the
+    folder links below them that lead outside the folder named, which are not followed."""
+    found, not_followed = [], []
     for path in map(Path, paths):
         if path.is_dir():
-            found += [p for p in intake.walk_files(path) if p.suffix.lower() in intake.IMAGE_SUFFIXES]
+            files, outside = intake.walk_files(path)
+            found += [p for p in files if p.suffix.lower() in intake.IMAGE_SUFFIXES]
+            not_followed += outside
         else:
             found.append(path)
-    return found
+    return found, not_followed
 
 
 def _load(path: Path, sizes: list[int]):
-    """{input size: the image resized to it} for every size an ensemble's models take, or the error."""
+    """({input size: the image resized to it} for every size an ensemble's models take, the error,
+    the image's notes)."""
     try:
-        pixels = intake.load_rgb(path)
-        return {size: pipeline.resize(pixels, size) for size in sizes}, ""
+        pixels, notes = intake.load_rgb_noting(path)
+        return {size: pipeline.resize(pixels, size) for size in sizes}, "", notes
     except intake.DataError as err:
-        return None, str(err).removeprefix(f"{path}: ")
+        return None, str(err).removeprefix(f"{path}: "), []
     except OSError as err:
-        return None, str(err)
+        return None, str(err), []
 
 
 def _load_models(model_paths: list[Path]) -> list[tuple]:
@@ -132,8 +136,10 @@ def _ensemble_probabilities(ensemble: list[tuple], images: list[dict], batch_siz
 
 def run(model_paths: Path | list[Path], paths: list[str], batch_size: int = 32, tta: bool = False,
         threshold: float | None = None, explain: Path | None = None) -> list[dict]:
-    """One row per file: path, predicted class, probability per class (or the error). Several model
-    files are an ensemble: their probabilities are averaged (Grad-CAM shows the first model's)."""
+    """One row per file: path, predicted class, probability per class (or the error), notes (what the
+    decoder warned about). Several model files are an ensemble: their probabilities are averaged
+    (Grad-CAM shows the first model's). A folder link leading outside a folder named is a row
+    with its target as the error: not followed."""
     model_paths = [model_paths] if isinstance(model_paths, Path) else list(model_paths)
     ensemble = _load_models(model_paths)
     model, description, spec = ensemble[0]
@@ -142,13 +148,13 @@ def run(model_paths: Path | list[Path], paths: list[str], batch_size: int = 32, 
         raise modelfile.ModelFileError(f"--threshold applies to 2-class models; {model_paths[0]} has {len(classes)}")
     threshold = threshold if threshold is not None else description.get("threshold")
     sizes = sorted({member_description["input_size"] for _, member_description, _ in ensemble})
-    files = image_files(paths)
+    files, not_followed = image_files(paths)
     rows = []
     for start in range(0, len(files), CHUNK):
         chunk = files[start:start + CHUNK]
-        with ThreadPoolExecutor(max_workers=intake.READ_THREADS) as pool:
+        with intake.warnings_as_notes(), ThreadPoolExecutor(max_workers=intake.READ_THREADS) as pool:
             loaded = list(pool.map(lambda p: _load(p, sizes), chunk))
-        good = [(path, views) for path, (views, error) in zip(chunk, loaded) if not error]
+        good = [(path, views) for path, (views, error, _) in zip(chunk, loaded) if not error]
         probs = (_ensemble_probabilities(ensemble, [views for _, views in good], batch_size, tta)
                  if good else np.zeros((0, len(classes))))
         maps = None
@@ -158,9 +164,8 @@ def run(model_paths: Path | list[Path], paths: list[str], batch_size: int = 32, 
                 gradcam.heatmaps(model, spec, spec.preprocess(shown[i:i + batch_size].astype("float32")))
                 for i in range(0, len(shown), batch_size)])
         by_path = {path: i for i, (path, _) in enumerate(good)}
-        for path, (_, error) in zip(chunk, loaded):
-            row = {"path": str(path), "predicted": "", **{f"prob_{c}": "" for c in classes},
-                   "tta": pipeline.TTA_VIEWS if tta else "", "models": len(ensemble), "error": error}
+        for path, (_, error, notes) in zip(chunk, loaded):
+            row = _row(path, classes, tta, len(ensemble), error, notes)
             if path in by_path:
                 i = by_path[path]
                 p = probs[i]
@@ -171,7 +176,13 @@ def run(model_paths: Path | list[Path], paths: list[str], batch_size: int = 32, 
                     Image.fromarray(gradcam.overlay(shown[i], maps[i])).save(
                         explain / f"{start + chunk.index(path):05d}_{path.stem}_gradcam.png")
             rows.append(row)
-    return rows
+    return rows + [_row(Path(link.path), classes, tta, len(ensemble), link.reason, []) for link in not_followed]
+
+
+def _row(path: Path, classes: list[str], tta: bool, models: int, error: str, notes: list[str]) -> dict:
+    """A row before its prediction: path, empty prediction and probabilities, error and notes."""
+    return {"path": str(path), "predicted": "", **{f"prob_{c}": "" for c in classes},
+            "tta": pipeline.TTA_VIEWS if tta else "", "models": models, "error": error, "note": "; ".join(notes)}
 
 
 def score(rows: list[dict], paths: list[str], class_names: list[str], calibration_bins: int = 10) -> dict:

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 import backbones
 
-from . import audit, feeds, gradcam, intake, metrics, mlflow_model, modelfile, pipeline, plots, probe, stats, tracking
+from . import audit, feeds, gradcam, intake, metrics, mlflow_model, modelfile, pipeline, plots, probe, redact, stats, tracking
 from .model import (adapt_batchnorm, batchnorm_statistics, batchnorm_statistics_set_to, build_classifier,
                     set_batchnorm_momentum)
 from .phantoms import phantom_dataset
@@ -60,6 +60,8 @@ def prepare_data(config) -> Prepared:
     data = config.data
     path = data_path(config)
     dataset = intake.load_dataset(path, data.class_names, data.skip_bad)
+    for problem in dataset.not_followed:
+        print(f"skipped {problem}", file=sys.stderr)
     name = dataset_name(config)
     excluded = _copies_of_other_sets(dataset, data) if data.exclude_copies_of else None
     if excluded is not None:
@@ -186,7 +188,7 @@ def _log_params(config, prepared: Prepared, spec, size: int, weights_used: str, 
         "cache_views": train.cache_views, "label_smoothing": train.label_smoothing,
         "mixup": train.mixup, "ema_epochs": train.ema_epochs,
         "batchnorm": "train" if batch_statistics(config, weights_used) else "frozen",
-        "seed": config.seed, "train_seed": train_seed, "data_path": prepared.path, "data_fingerprint": dataset.fingerprint,
+        "seed": config.seed, "train_seed": train_seed, "data_path": redact.mask(prepared.path), "data_fingerprint": dataset.fingerprint,
         "class_names": json.dumps(dataset.class_names), "class_to_index": json.dumps(dataset.class_to_index),
         "head_units": model.head_units, "dropout": model.dropout,
         "n_train": len(prepared.parts["train"]), "n_val": len(prepared.parts["val"]),

@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 import backbones
 
-from . import plots, recipe, tracking
+from . import plots, recipe, redact, tracking
 from .trainer import TrainingFailed
 
 STUDY_ATTR_PARENT = "mlflow_parent_run_id"
@@ -258,7 +258,7 @@ def run(config, worker: int = 0, workers: int = 1) -> None:
             wait_for_study(config, f"{prepared.name}-{name}")
         study = open_study(config, f"{prepared.name}-{name}", worker)
         remaining = config.sweep.trials - finished_count(study)
-        print(f"study {study.study_name} ({storage_url(config).split('@')[-1]}): "
+        print(f"study {study.study_name} ({redact.mask(storage_url(config))}): "
               f"{finished_count(study)} finished, {max(remaining, 0)} to go (worker {worker})", flush=True)
         parent = parent_run(client, study, experiment, config, name)
         if config.sweep.process_per_trial:
@@ -295,6 +295,7 @@ def _trial_in_child(config, name: str, seed: int, parent: str, experiment: str) 
     """One trial in a fresh process, which dies with its worker (so kill -9 of a worker stops it too)."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    redact.mask_output()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     backbones.load_plugins(config.plugins)

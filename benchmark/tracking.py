@@ -20,6 +20,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
 
+from . import redact
 from .phantoms import cache_root
 
 KIND_TAG = "tumorbench.kind"
@@ -58,8 +59,14 @@ def connect(tracking_config) -> MlflowClient:
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
         client.search_experiments(max_results=1)
+    except mlflow.exceptions.MlflowException as err:
+        if err.get_http_status_code() in (401, 403) or " 401 != 200" in str(err) or " 403 != 200" in str(err):
+            raise TrackingUnavailable(redact.mask(
+                f"MLflow server {uri} refused these credentials: set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD to a user of that server (docs/team.md)")) from None
+        raise TrackingUnavailable(redact.mask(f"MLflow tracking store {uri} is unreachable: {err}")) from None
     except Exception as err:  # any failure here means: not usable
-        raise TrackingUnavailable(f"MLflow tracking store {uri} is unreachable: {err}") from None
+        raise TrackingUnavailable(redact.mask(f"MLflow tracking store {uri} is unreachable: {err}")) from None
     return client
 
 

@@ -93,6 +93,16 @@ def bomb_png(path: Path, side: int = 15000) -> Path:
     return path
 
 
+def broken_exif_jpeg(path: Path) -> Path:
+    """A small JPEG whose EXIF block claims 5 tags and holds 4 bytes: Pillow warns "Corrupt EXIF data"."""
+    import struct
+
+    exif = b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 5) + b"\x00" * 4
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((20, 24, 3), 90, np.uint8)).save(path, exif=exif)
+    return path
+
+
 def image_folder(root: Path, classes=("no", "yes"), per_class: int = 4, size=(24, 20)) -> Path:
     for c, name in enumerate(classes):
         for i in range(per_class):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from benchmark import intake
 from benchmark.intake import DataError, load_dataset
-from conftest import SHARED, bomb_png, clean_env, image_folder, write_image
+from conftest import SHARED, bomb_png, broken_exif_jpeg, clean_env, image_folder, write_image
 
 
 def tree_digest(root: Path) -> str:
@@ -213,7 +213,40 @@ def test_npz_errors_name_the_file(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "benchmark", *args], capture_output=True, text=True, env=clean_env())
+    return subprocess.run([sys.executable, "-m", "benchmark", *args], capture_output=True, text=True, env=clean_env(),
+                          timeout=300)
+
+
+def test_links_out_of_the_data_folder_are_listed_not_walked_and_pipes_never_opened(tmp_path):
+    """A class folder that is itself a link is followed, as users rely on; a folder link deeper in
+    that leads outside (here to /) is listed with its target; a pipe is named, never opened."""
+    root = image_folder(tmp_path / "data", classes=("no",))
+    image_folder(tmp_path / "elsewhere", classes=("yes",))
+    os.symlink(tmp_path / "elsewhere" / "yes", root / "yes")
+    os.symlink("/", root / "no" / "rootfs")
+    os.mkfifo(root / "no" / "stream.png")
+    refused = run_cli("check-data", str(root))
+    assert refused.returncode == 1
+    assert f"{root / 'no' / 'stream.png'}: a named pipe, not an image file: never opened" in refused.stderr
+    checked = run_cli("check-data", str(root), "--skip-bad")
+    assert checked.returncode == 0, checked.stderr
+    assert "all         8 images: no 4, yes 4" in checked.stdout
+    assert "1 bad file(s) skipped, 0 non-image file(s) ignored, 1 folder link(s) out of the data folder not followed" \
+        in checked.stdout
+    assert f"  skipped {root / 'no' / 'rootfs'}: folder link to /, outside {root}: not followed" in checked.stdout
+
+
+def test_decoder_warnings_are_notes_of_their_files_not_raw_warnings(tmp_path):
+    root = image_folder(tmp_path / "data")
+    Image.new("L", (11000, 11000)).save(root / "yes" / "huge.png")  # legal, but 121 megapixels
+    broken_exif_jpeg(root / "no" / "exif.jpg")
+    result = run_cli("check-data", str(root))
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "all        10 images: no 5, yes 5" in result.stdout and "notes:       2 on usable images" in result.stdout
+    assert f"  note {root / 'yes' / 'huge.png'}: large image: 11000 x 11000 (121 megapixels), far larger than an " \
+        "MRI slice" in result.stdout
+    assert f"  note {root / 'no' / 'exif.jpg'}: Corrupt EXIF data. Expecting to read" in result.stdout
+    assert "Warning" not in result.stdout and "site-packages" not in result.stdout
 
 
 def test_check_data_exit_codes(with_bad_files):

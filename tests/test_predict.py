@@ -1,5 +1,6 @@
 """Self-describing model files, `predict`, and Grad-CAM."""
 import csv
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import backbones
 from backbones._registry import _REGISTRY
 from benchmark import gradcam, intake, modelfile, pipeline, predict
 from benchmark.model import build_classifier
-from conftest import bomb_png, clean_env, write_image
+from conftest import bomb_png, broken_exif_jpeg, clean_env, write_image
 
 SIZE = 32
 
@@ -91,21 +92,28 @@ def test_mixed_folder_gives_rows_and_per_file_errors(tmp_path):
     write_image(folder / "sub" / "cmyk.jpg", "CMYK", fmt="JPEG")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     bomb_png(folder / "bomb.png")
+    broken_exif_jpeg(folder / "exif.jpg")
+    os.mkfifo(folder / "stream.png")  # a pipe: opening it would wait forever for a writer
+    os.symlink("/", folder / "sub" / "rootfs")
     out = tmp_path / "preds.csv"
     result = subprocess.run([sys.executable, "-m", "benchmark", "predict", str(path), str(folder), "--out", str(out),
                              "--tta", "--explain", str(tmp_path / "cams")], capture_output=True, text=True,
-                            env=clean_env())
+                            env=clean_env(), timeout=300)
     assert result.returncode == 2, result.stderr
     rows = {row["path"].split("/")[-1]: row for row in csv.DictReader(open(out))}
-    assert set(rows) == {"gray.png", "cmyk.jpg", "broken.png", "bomb.png"}
+    assert set(rows) == {"gray.png", "cmyk.jpg", "broken.png", "bomb.png", "exif.jpg", "stream.png", "rootfs"}
+    assert rows["stream.png"]["error"] == "a named pipe, not an image file: never opened"
+    assert rows["rootfs"]["error"] == f"folder link to /, outside {folder}: not followed"
+    assert rows["exif.jpg"]["predicted"] in ("no", "yes") and rows["exif.jpg"]["note"].startswith("Corrupt EXIF data")
     assert rows["broken.png"]["predicted"] == "" and "not an image" in rows["broken.png"]["error"]
     assert rows["bomb.png"]["predicted"] == "" and "decompression bomb" in rows["bomb.png"]["error"]
     for name in ("gray.png", "cmyk.jpg"):
-        assert rows[name]["error"] == "" and rows[name]["predicted"] in ("no", "yes")
+        assert rows[name]["error"] == rows[name]["note"] == "" and rows[name]["predicted"] in ("no", "yes")
         assert float(rows[name]["prob_no"]) + float(rows[name]["prob_yes"]) == pytest.approx(1.0, abs=1e-5)
         assert "flip" in rows[name]["tta"]
     assert "broken.png" in result.stderr and "bomb.png" in result.stderr and "Traceback" not in result.stderr
-    assert len(list((tmp_path / "cams").glob("*_gradcam.png"))) == 2
+    assert "Warning" not in result.stderr and "site-packages" not in result.stderr
+    assert len(list((tmp_path / "cams").glob("*_gradcam.png"))) == 3
 
 
 def test_score_compares_predictions_with_the_class_folders(tmp_path):
