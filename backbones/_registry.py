@@ -28,10 +28,11 @@ class BackboneSpec:
     imagenet_file: str = ""
     imagenet_origin: str = ""
     imagenet_hash: str = ""
-    # Weights made locally instead of downloaded: imagenet_make(path) writes imagenet_file into the
-    # Keras cache; imagenet_check(path) says whether a cached file is intact (else it is remade).
+    # ImageNet weights made locally from an installed package, where Keras' own file (imagenet_file)
+    # is not in the Keras cache: imagenet_make(path) writes imagenet_made_file there with a checksum
+    # (weights.save_made); a file whose checksum disagrees is made again.
     imagenet_make: Callable | None = None
-    imagenet_check: Callable | None = None
+    imagenet_made_file: str = ""
     extra_weights: dict[str, Callable] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 

