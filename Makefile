@@ -23,7 +23,7 @@ bench_args = $(if $(BACKBONES),--backbones $(BACKBONES)) $(if $(DATA),--data $(D
 sweep_args = $(bench_args) $(if $(TRIALS),--trials $(TRIALS)) $(if $(STORAGE),--storage $(STORAGE)) \
              --workers $(WORKERS)
 
-.PHONY: install test bench sweep perf report ui dashboard audit check-data clean
+.PHONY: install test bench sweep perf report ui dashboard audit check-data docs leaderboard clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ report: install
 audit: install
 	$(PY) -m benchmark audit $(or $(DATA),$(error give DATA=path/to/data)) $(if $(AGAINST),--against $(AGAINST))
 
+# results/README.md and the README's leaderboard, from results/leaderboard.toml and the committed CSVs.
+leaderboard: install
+	$(PY) -m benchmark leaderboard
+
 check-data: install
 	$(PY) -m benchmark check-data $(DATA)
 
@@ -70,5 +74,11 @@ dashboard: install
 	$(VENV)/bin/pip install -q 'optuna-dashboard>=0.15'
 	$(VENV)/bin/optuna-dashboard --host 127.0.0.1 --port 8080 $(or $(STORAGE),sqlite:///results/optuna.db)
 
+# The documentation site (docs/ + an API reference from docstrings) into site/; --strict: a broken
+# link or a page missing from the nav fails the build.
+docs: install
+	$(VENV)/bin/pip install -q -e '.[docs]'
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) .cache .pytest_cache
+	rm -rf $(VENV) .cache .pytest_cache site

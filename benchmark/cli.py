@@ -134,6 +134,18 @@ def _report(args) -> int:
     return 0
 
 
+def _leaderboard(args) -> int:
+    from . import leaderboard
+
+    try:
+        written = leaderboard.write(Path(args.results), Path(args.readme))
+    except (OSError, LookupError, KeyError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"written: {', '.join(str(p) for p in written)}")
+    return 0
+
+
 def _audit(args) -> int:
     from . import audit
 
@@ -260,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     perf_cmd.add_argument("--weights", default="none", help="weights for both sides (default none)")
     perf_cmd.add_argument("--trials", type=int, default=0, help="sweep trials to time (default 20, quick 3)")
     perf_cmd.add_argument("--memory", metavar="DATA", help="instead: peak memory of a 224 px bench of DATA "
-                          "(efficientnet_lite0, configs/four-class-cv.toml on one split), written to "
+                          "(efficientnet_lite0, configs/experiments/four-class-cv.toml on one split), written to "
                           "results/perf-memory.md")
     perf_cmd.add_argument("--out", help="default results/perf.md (--memory: results/perf-memory.md)")
     perf_cmd.set_defaults(run=_perf)
@@ -274,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     report_cmd.add_argument("--runs", metavar="ID[,ID...]", help="table exactly these runs instead of the newest "
                             "(cv: the parents); one backbone's runs more than once compares their recipes")
     report_cmd.set_defaults(run=_report)
+
+    board = commands.add_parser("leaderboard", help="results/README.md and the README's leaderboard from the "
+                                "committed comparison.csv files (results/leaderboard.toml lists the rows)")
+    board.add_argument("--results", default="results", help="the results folder (default results)")
+    board.add_argument("--readme", default="README.md", help="the README whose leaderboard section to update")
+    board.set_defaults(run=_leaderboard)
     return parser
 
 
@@ -287,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     redact.mask_output()  # before argparse: its own error lines can quote a URL
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, stop_as_interrupted)
-    if args.command not in ("check-data", "audit"):  # TensorFlow's and MLflow's chatter hides the progress lines
+    if args.command not in ("check-data", "audit", "leaderboard"):  # TensorFlow's and MLflow's chatter hides the progress lines
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         if not args.verbose:
             os.environ["TUMORBENCH_QUIET_TF"] = "1"  # inherited by sweep's trial processes

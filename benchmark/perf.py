@@ -27,7 +27,7 @@ YES_NO = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "brain-mr
 
 
 def perf_config(quick: bool, data: str, weights: str, results_dir: str, views: int):
-    """The seeds' recipe (configs/yes-no.toml) with `views` cached views (0: streamed, the seeds' way).
+    """The seeds' recipe (configs/experiments/yes-no.toml) with `views` cached views (0: streamed, the seeds' way).
 
     Early stopping can't trigger (patience = all epochs), so every side trains the seeds' epochs
     and the times compare the same amount of training; each keeps its best epoch by val loss.
@@ -176,7 +176,7 @@ def _memory_now(pid: int) -> dict[str, float]:
 
 
 def memory(data: str, size: int = 224, views: int = 2, backbones: str = "efficientnet_lite0",
-           config_file: str = "configs/four-class-cv.toml") -> str:
+           config_file: str = "configs/experiments/four-class-cv.toml") -> str:
     """Peak memory of a whole `bench` of the 4-class recipe (decoding, duplicate audit, feature
     cache, probe, fine-tuning, evaluation, model logging, report) on `data` at `size` px, one
     validation split instead of the config's folds, in a child process sampled every 0.2 s.

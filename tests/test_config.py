@@ -98,7 +98,7 @@ def test_only_folds_must_name_distinct_folds_of_the_cross_validation(folds):
 
 def test_every_shipped_config_is_valid():
     from pathlib import Path
-    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*.toml")):
+    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.toml")):
         load_config(path)
 
 
