@@ -67,8 +67,9 @@ leaderboard: install
 check-data: install
 	$(PY) -m benchmark check-data $(DATA)
 
+# Prints each data set's runs-table address (MLflow 3's UI otherwise opens on its GenAI overview).
 ui: install
-	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///results/mlflow.db
+	$(PY) -m benchmark ui --host 127.0.0.1 --port 5000
 
 dashboard: install
 	$(VENV)/bin/pip install -q 'optuna-dashboard>=0.15'

@@ -134,6 +134,30 @@ def _report(args) -> int:
     return 0
 
 
+def _ui(args) -> int:
+    """Print each data set's runs-table address, then serve the MLflow UI on the local store (a
+    tracking server already serves its own UI: only the addresses are printed)."""
+    from . import tracking
+
+    try:
+        config = load_config(args.config, list(args.set or []))
+        client = tracking.connect(config.tracking)
+    except (ConfigError, tracking.TrackingUnavailable) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    uri = tracking.tracking_uri(config.tracking)
+    remote = uri.startswith(("http://", "https://"))
+    links = tracking.runs_table_links(client, uri if remote else f"http://{args.host}:{args.port}")
+    print("runs of each data set (the Model training view):" if links else "no tumorbench runs in this store yet")
+    for name, link in links.items():
+        print(f"  {name}: {redact.mask(link)}")
+    if remote:
+        return 0
+    sys.stdout.flush()
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    os.execv(mlflow, [mlflow, "ui", "--host", args.host, "--port", str(args.port), "--backend-store-uri", uri])
+
+
 def _leaderboard(args) -> int:
     from . import leaderboard
 
@@ -286,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     report_cmd.add_argument("--runs", metavar="ID[,ID...]", help="table exactly these runs instead of the newest "
                             "(cv: the parents); one backbone's runs more than once compares their recipes")
     report_cmd.set_defaults(run=_report)
+
+    ui = commands.add_parser("ui", help="the MLflow UI on the local store, with each data set's runs-table address")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--config", help="TOML config (for the MLflow tracking store)")
+    ui.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    ui.set_defaults(run=_ui)
 
     board = commands.add_parser("leaderboard", help="results/README.md and the README's leaderboard from the "
                                 "committed comparison.csv files (results/leaderboard.toml lists the rows)")

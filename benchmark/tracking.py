@@ -92,6 +92,15 @@ def experiment_id(client: MlflowClient, name: str, tracking_config) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def runs_table_links(client: MlflowClient, base_url: str) -> dict[str, str]:
+    """{experiment name: the address of its runs table} for the model-training experiments. MLflow
+    3's UI opens an experiment on its GenAI overview whatever its kind (the sidebar's GenAI / Model
+    training switch is remembered per browser, GenAI at first); `workflowType=machine_learning` in
+    the address opens the runs table with the switch on Model training."""
+    return {e.name: f"{base_url.rstrip('/')}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning"
+            for e in client.search_experiments() if e.tags.get(EXPERIMENT_KIND_TAG) == MODEL_TRAINING}
+
+
 def run_name(*parts: str) -> str:
     """A run name unique within its experiment: the parts and the start time to the second."""
     return "-".join([*parts, time.strftime("%Y%m%d-%H%M%S")])
