@@ -13,7 +13,8 @@ import pandas as pd
 
 import backbones
 
-from . import audit, intake, metrics, mlflow_model, modelfile, pipeline, plots, recipe, redact, report, stats, tracking
+from . import (audit, intake, metrics, mlflow_model, modelfile, pipeline, plots, recipe, redact, report, stats,
+               stopwatch, tracking)
 from .config import fold_recipe
 from .trainer import TrainingFailed
 
@@ -305,7 +306,7 @@ def run_cross_validated(config, folds: list[recipe.Prepared], name: str, weights
 
 def run(config) -> tuple:
     """The whole benchmark: check everything that can fail early, train each backbone (on every
-    fold with data.folds > 1), build the table."""
+    fold with data.folds > 1), build the table. Its stages are timed into any running stopwatch."""
     backbones.load_plugins(config.plugins)
     for name in config.model.backbones:
         backbones.get(name)  # unknown names fail here, listing the registered ones
@@ -322,7 +323,8 @@ def run(config) -> tuple:
              run_backbone(config, prepared, name, weights[name], experiment))["run_id"]
             for name in config.model.backbones]
     source = "cv" if folds else "bench"
-    runs = report.select_runs(client, prepared.name, source, made)
-    table, paths = report.build(client, prepared.name, runs, Path(config.tracking.results_dir), source,
-                                config.evaluate.bootstrap_resamples, register=config.tracking.log_model)
+    with stopwatch.stage("report"):
+        runs = report.select_runs(client, prepared.name, source, made)
+        table, paths = report.build(client, prepared.name, runs, Path(config.tracking.results_dir), source,
+                                    config.evaluate.bootstrap_resamples, register=config.tracking.log_model)
     return table, paths, prepared.name

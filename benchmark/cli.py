@@ -31,12 +31,13 @@ def _config(args):
 def _bench(args) -> int:
     from backbones import WeightsUnavailable
 
-    from . import bench, report
+    from . import bench, report, stopwatch
     from .tracking import TrackingUnavailable
     from .trainer import TrainingFailed
 
     try:
-        table, paths, name = bench.run(_config(args))
+        with stopwatch.running(stopwatch.Stopwatch()) as watch:
+            table, paths, name = bench.run(_config(args))
     except (*USER_ERRORS, WeightsUnavailable, TrackingUnavailable, TrainingFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -45,6 +46,7 @@ def _bench(args) -> int:
     print(report.terminal(table, source))
     print(f"full table (per-class scores, calibration, paired comparisons): {paths['md']}")
     print(f"written: {', '.join(str(p) for p in paths.values())}")
+    print(watch.line())  # where the time went: a slow run explains itself
     return 0
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from . import cache, pipeline
+from . import cache, pipeline, stopwatch
 
 
 @dataclass
@@ -124,11 +124,13 @@ class Cached:
             outs = [entries[k][0].open() for k in missing]
             try:
                 augment = self.augment if split == "train" else None
-                for view, start, batch in pipeline.view_batches(images, augment, views, self.seed, self.batch_size):
-                    results = extractor.predict_on_batch(self.preprocess(batch))
-                    results = results if isinstance(results, (list, tuple)) else [results]
-                    for out, result in zip(outs, results):
-                        out[view, start:start + len(batch)] = np.asarray(result)
+                with stopwatch.stage("cache"):
+                    for view, start, batch in pipeline.view_batches(images, augment, views, self.seed,
+                                                                    self.batch_size):
+                        results = extractor.predict_on_batch(self.preprocess(batch))
+                        results = results if isinstance(results, (list, tuple)) else [results]
+                        for out, result in zip(outs, results):
+                            out[view, start:start + len(batch)] = np.asarray(result)
                 for k, out in zip(missing, outs):
                     arrays[k] = entries[k][0].commit(out)
             finally:

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from . import cache, intake, metrics
+from . import cache, intake, metrics, stopwatch
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -63,7 +63,7 @@ def decoded_images(dataset: intake.Dataset, samples: list[intake.Sample], size: 
     key = {"fingerprint": dataset.fingerprint, "size": size, "samples": intake.samples_hash(samples)}
 
     def fill(out):
-        with ThreadPoolExecutor(max_workers=intake.READ_THREADS) as pool:
+        with stopwatch.stage("decoding"), ThreadPoolExecutor(max_workers=intake.READ_THREADS) as pool:
             for i, pixels in enumerate(pool.map(lambda s: resize(dataset.read(s), size), samples)):
                 out[i] = pixels
 

@@ -20,7 +20,8 @@ import tensorflow as tf
 
 import backbones
 
-from . import audit, feeds, gradcam, intake, metrics, mlflow_model, modelfile, pipeline, plots, probe, redact, stats, tracking
+from . import (audit, feeds, gradcam, intake, metrics, mlflow_model, modelfile, pipeline, plots, probe, redact, stats,
+               stopwatch, tracking)
 from .model import (adapt_batchnorm, batchnorm_statistics, batchnorm_statistics_set_to, build_classifier,
                     set_batchnorm_momentum)
 from .phantoms import phantom_dataset
@@ -59,14 +60,16 @@ def prepare_data(config) -> Prepared:
     first, so no group straddles train and val."""
     data = config.data
     path = data_path(config)
-    dataset = intake.load_dataset(path, data.class_names, data.skip_bad)
+    with stopwatch.stage("intake"):
+        dataset = intake.load_dataset(path, data.class_names, data.skip_bad)
     for problem in dataset.not_followed:
         print(f"skipped {problem}", file=sys.stderr)
     name = dataset_name(config)
     excluded = _copies_of_other_sets(dataset, data) if data.exclude_copies_of else None
     if excluded is not None:
         dataset = intake.without(dataset, set(excluded["source"]))
-    groups = audit.duplicate_groups(dataset, data.duplicate_distance) if data.group_duplicates else None
+    with stopwatch.stage("duplicate groups"):
+        groups = audit.duplicate_groups(dataset, data.duplicate_distance) if data.group_duplicates else None
     return Prepared(dataset, intake.split(dataset, data.val_fraction, config.seed, groups), name, str(path), groups,
                     excluded)
 
@@ -430,7 +433,11 @@ def build(config, prepared: Prepared, name: str, weights: str, member: int = 0) 
     head, and the feed for it. With train.batchnorm = "train" the pretrained base's
     BatchNormalization statistics are first adapted to the plain training images (AdaBN), so the
     probe, the head and fine-tuning share them."""
-    spec = backbones.get(name)
+    with stopwatch.stage("build"):
+        return _build(config, prepared, backbones.get(name), weights, member)
+
+
+def _build(config, prepared: Prepared, spec, weights: str, member: int) -> Built:
     size = input_size(config, spec)
     keras.backend.clear_session()
     seed = training_seed(config, member)
@@ -463,35 +470,39 @@ def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = ()
     no inference timing, which at 224 px on a CPU cost more than a head-only trial's training, and
     no test-time views (evaluate.tta: tta_<split>). Returns {split: metrics, ...}.
     """
+    with stopwatch.running(stopwatch.Stopwatch()) as watch:
+        outcome = _train_and_log(config, prepared, built, callbacks, score_key, trial)
+    mlflow.log_metrics(watch.metrics())
+    return {**outcome, "stages": watch.seconds}
+
+
+def _train_and_log(config, prepared: Prepared, built: Built, callbacks, score_key: str, trial: bool) -> dict:
     spec, size, model, train = built.spec, built.size, built.model, config.train
     dataset, parts = prepared.dataset, prepared.parts
     n_classes = len(dataset.class_names)
     score = (score_key, [s.label for s in parts["val"]], dataset.class_names) if score_key else None
     _log_params(config, prepared, spec, size, built.weights_used, built.seed)
     head_ready = train.head_init == "probe" and not built.from_scratch
-    probe_scores = {} if trial and not head_ready else run_probe(config, prepared, built, score_test=not trial)
+    with stopwatch.stage("probe"):
+        probe_scores = {} if trial and not head_ready else run_probe(config, prepared, built, score_test=not trial)
     try:
-        result = train_two_phase(model, built.base, spec, built.feed, train, n_classes,
-                                 callbacks=[*callbacks, tracking.EpochLogger()], score=score,
-                                 from_scratch=built.from_scratch, head_ready=head_ready)
+        with stopwatch.stage("training"):
+            result = train_two_phase(model, built.base, spec, built.feed, train, n_classes,
+                                     callbacks=[*callbacks, tracking.EpochLogger()], score=score,
+                                     from_scratch=built.from_scratch, head_ready=head_ready)
         # Model selection (best epoch, threshold) saw validation only; test is scored once, here.
         splits = ["val"] if trial else [split for split in ("val", "test") if parts.get(split)]
         reuse = trial and result.best_val_outputs is not None  # a trial's splits are val alone
-        probabilities = {split: metrics.class_probabilities(result.best_val_outputs) if reuse
-                         else _predict(model, dataset, parts[split], spec, size, train.batch_size) for split in splits}
-        threshold = _choose_threshold(dataset, parts["val"], probabilities["val"], config.evaluate)
-        scores = {split: score_split(dataset, parts[split], probabilities[split], spec, split, config.evaluate,
-                                     threshold) for split in splits}
+        with stopwatch.stage("evaluation"):
+            probabilities = {split: metrics.class_probabilities(result.best_val_outputs) if reuse
+                             else _predict(model, dataset, parts[split], spec, size, train.batch_size)
+                             for split in splits}
+            threshold = _choose_threshold(dataset, parts["val"], probabilities["val"], config.evaluate)
+            scores = {split: score_split(dataset, parts[split], probabilities[split], spec, split, config.evaluate,
+                                         threshold) for split in splits}
         predictions = {split: predictions_frame(dataset, parts[split], probabilities[split]) for split in splits}
-        if config.evaluate.tta and not trial:
-            for split in splits:
-                averaged = pipeline.ensemble_probabilities(
-                    [(model, spec.preprocess)], pipeline.decoded_images(dataset, parts[split], size),
-                    train.batch_size, tta=True)
-                scores[f"tta_{split}"] = metrics.compute([s.label for s in parts[split]], averaged,
-                                                         dataset.class_names, config.evaluate.calibration_bins)
-                mlflow.log_metrics(metrics.flatten(scores[f"tta_{split}"], f"tta_{split}"))
-                predictions[f"tta_{split}"] = predictions_frame(dataset, parts[split], averaged)
+        with stopwatch.stage("tta"):
+            scores, predictions = _score_tta(config, prepared, built, splits, scores, predictions, trial)
         for split, frame in predictions.items():
             mlflow.log_text(frame.to_csv(index=False), f"predictions_{split}.csv")
     except (TrainingFailed, ValueError) as err:
@@ -508,18 +519,45 @@ def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = ()
         "total_params": float(model.count_params()),
     }
     if not trial:
-        costs["inference_ms_per_image"] = _inference_ms(model, dataset, parts["val"], spec, size, train.batch_size)
-        _log_gradcam_examples(model, spec, dataset, parts["val"], size, scores["val"]["predicted"])
+        with stopwatch.stage("inference timing"):
+            costs["inference_ms_per_image"] = _inference_ms(model, dataset, parts["val"], spec, size, train.batch_size)
+        with stopwatch.stage("gradcam"):
+            _log_gradcam_examples(model, spec, dataset, parts["val"], size, scores["val"]["predicted"])
     mlflow.log_metrics({**costs, "n_val": float(len(parts["val"]))})
     if config.tracking.log_model:
-        description = modelfile.describe(spec, dataset.class_names, size, built.weights_used, dataset.fingerprint,
-                                         config.plugins)
-        with tempfile.TemporaryDirectory() as workdir:
-            saved = modelfile.save(model, Path(workdir) / "model.keras", description)
-            mlflow.log_artifact(str(saved), "model")
-            example = np.asarray(pipeline.decoded_images(dataset, parts["val"][:2], size))
-            logged = mlflow_model.log([saved], description, example)
-        mlflow.set_tag(tracking.MODEL_URI_TAG, logged.model_uri)
-        tracking.log_json(description, "model/metadata.json")
+        with stopwatch.stage("model logging"):
+            _log_model(config, prepared, built)
     return {**scores, **{f"probe_{split}": result for split, result in probe_scores.items()},
             "predictions": predictions, "costs": costs, "epochs": len(result.epochs), "seconds": result.seconds}
+
+
+def _score_tta(config, prepared: Prepared, built: Built, splits: list[str], scores: dict, predictions: dict,
+               trial: bool) -> tuple[dict, dict]:
+    """scores and predictions with tta_<split> added (evaluate.tta; never in a sweep trial): each
+    image and its test-time views, probabilities averaged, as `predict --tta` scores them."""
+    if not config.evaluate.tta or trial:
+        return scores, predictions
+    dataset, parts = prepared.dataset, prepared.parts
+    for split in splits:
+        averaged = pipeline.ensemble_probabilities(
+            [(built.model, built.spec.preprocess)], pipeline.decoded_images(dataset, parts[split], built.size),
+            config.train.batch_size, tta=True)
+        scores[f"tta_{split}"] = metrics.compute([s.label for s in parts[split]], averaged,
+                                                 dataset.class_names, config.evaluate.calibration_bins)
+        mlflow.log_metrics(metrics.flatten(scores[f"tta_{split}"], f"tta_{split}"))
+        predictions[f"tta_{split}"] = predictions_frame(dataset, parts[split], averaged)
+    return scores, predictions
+
+
+def _log_model(config, prepared: Prepared, built: Built) -> None:
+    """The run's model file and MLflow model (tagged with its URI) and its description."""
+    spec, size, dataset = built.spec, built.size, prepared.dataset
+    description = modelfile.describe(spec, dataset.class_names, size, built.weights_used, dataset.fingerprint,
+                                     config.plugins)
+    with tempfile.TemporaryDirectory() as workdir:
+        saved = modelfile.save(built.model, Path(workdir) / "model.keras", description)
+        mlflow.log_artifact(str(saved), "model")
+        example = np.asarray(pipeline.decoded_images(dataset, prepared.parts["val"][:2], size))
+        logged = mlflow_model.log([saved], description, example)
+    mlflow.set_tag(tracking.MODEL_URI_TAG, logged.model_uri)
+    tracking.log_json(description, "model/metadata.json")

@@ -72,6 +72,19 @@ def test_one_finished_run_and_row_per_backbone(benched):
         assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 2.0)]  # one axis, phase 2 continues
 
 
+def test_every_run_logs_where_its_time_went(benched):
+    """Stage seconds as metrics: the stages a tiny bench run goes through, each its own time, so
+    together they fit inside the run's wall time (bench also prints them as one line)."""
+    config, _, _, name = benched
+    client = MlflowClient(tracking.tracking_uri(config.tracking))
+    for run in client.search_runs([client.get_experiment_by_name(name).experiment_id]):
+        stages = {k: v for k, v in run.data.metrics.items() if k.startswith("stage_")}
+        assert {"stage_probe_seconds", "stage_training_seconds", "stage_evaluation_seconds", "stage_tta_seconds",
+                "stage_inference_timing_seconds", "stage_gradcam_seconds", "stage_model_logging_seconds"} <= set(stages)
+        assert all(v >= 0 for v in stages.values())
+        assert sum(stages.values()) <= (run.info.end_time - run.info.start_time) / 1000
+
+
 def _saved_model(client, run_id, tmp_path):
     """The run's logged model file, loaded to predict eagerly as the tiny run scored (train.eager): a
     graph fuses conv and BatchNorm, which moves near-tied scores of untrained models by 1e-7."""
