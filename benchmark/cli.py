@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     redact.mask_output()  # before argparse: its own error lines can quote a URL
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, stop_as_interrupted)
-    if args.command not in ("check-data", "audit", "leaderboard"):  # TensorFlow's and MLflow's chatter hides the progress lines
+    # TensorFlow's and MLflow's chatter hides the progress lines
+    if args.command not in ("check-data", "audit", "leaderboard"):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         if not args.verbose:
             os.environ["TUMORBENCH_QUIET_TF"] = "1"  # inherited by sweep's trial processes

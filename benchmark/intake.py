@@ -4,10 +4,10 @@ Everything else reads data through `load_dataset`. The user's data folder is onl
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
-import contextlib
 import re
 import stat
 import sys
@@ -30,7 +30,7 @@ SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "validation"
 
 
 # Pillow's warnings (corrupt EXIF data, large images, palette transparency) are facts about one file:
-# intake and predict report them as that file's notes (_warnings_as_notes), never as raw warnings.
+# intake and predict report them as that file's notes (warnings_as_notes), never as raw warnings.
 warnings.filterwarnings("ignore", module=r"PIL\.")
 LARGE_PIXELS = 50_000_000  # far larger than any MRI slice: noted (Pillow refuses above 178,956,970)
 

@@ -100,7 +100,8 @@ def compact(results: Path) -> str:
                  "|---|---|---|---|---|"]
         for entry, row in _ranked(results, entries):
             lines.append(f"| {entry['backbone']} ({row['weights']}, {row['input_px']}) | {_config(entry)} | "
-                         f"{entry['protocol']} | {_plain(row, 'far_oof_accuracy')} | {_interval(row, 'val_accuracy')} |")
+                         f"{entry['protocol']} | {_plain(row, 'far_oof_accuracy')} | "
+                         f"{_interval(row, 'val_accuracy')} |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

