@@ -16,6 +16,7 @@ WORKERS ?= 1
 FOLDS ?=
 ONLY_FOLDS ?=
 AGAINST ?=
+TEST_WORKERS ?= auto
 
 bench_args = $(if $(BACKBONES),--backbones $(BACKBONES)) $(if $(DATA),--data $(DATA)) \
              --config $(CONFIG) $(if $(WEIGHTS),--weights $(WEIGHTS))
@@ -33,8 +34,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# On every core (pytest-xdist); TEST_WORKERS=0 runs the tests in this one process.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # FOLDS=5 cross-validates: mean and 95% CI per metric, paired comparisons on out-of-fold predictions.
 # ONLY_FOLDS=1,2 trains and scores only those folds now; a later run without it reuses them.
@@ -48,10 +50,13 @@ sweep: install
 	  $(PY) -m benchmark sweep $(sweep_args) --worker $$i & pids="$$pids $$!"; sleep 1; done; \
 	rc=0; for p in $$pids; do wait $$p || rc=1; done; exit $$rc
 
-# A benchmark script, not a test: QUICK=1 for a small smoke run. PERF_ARGS e.g. "--weights hed".
+# A benchmark script, not a test: configs/four-class-fast.toml timed stage by stage, cold, warm and the
+# seeds' way (results/perf.md; DATA= another 4-class folder). QUICK=1 for a small smoke run.
+# YES_NO=1: vgg16 on the yes/no set, a sweep, inference (results/perf-yes-no.md; PERF_ARGS="--weights hed").
 # MEMORY=path/to/4-class/Training: peak memory of a 224 px bench instead (results/perf-memory.md).
 perf: install
-	$(PY) -m benchmark perf $(if $(QUICK),--quick) $(if $(MEMORY),--memory $(MEMORY)) $(PERF_ARGS)
+	$(PY) -m benchmark perf $(if $(QUICK),--quick) $(if $(DATA),--data $(DATA)) $(if $(YES_NO),--yes-no) \
+	  $(if $(MEMORY),--memory $(MEMORY)) $(PERF_ARGS)
 
 report: install
 	$(PY) -m benchmark report --source $(SOURCE) $(if $(DATA),--data $(DATA)) $(if $(RUNS),--runs $(RUNS)) --config $(CONFIG)

@@ -18,25 +18,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
-from scipy import fft, sparse
+from scipy import sparse
 from scipy.sparse.csgraph import connected_components
 
 from . import cache, intake
-
-HASH_SIDE = 16  # 16x16 DCT coefficients: a 256-bit hash, stored as 32 bytes
-HASH_BYTES = HASH_SIDE * HASH_SIDE // 8
-
-
-def perceptual_hash(pixels: np.ndarray) -> np.ndarray:
-    """pHash of an (H, W, 3) uint8 image as 32 bytes: bit = low-frequency DCT coefficient above their median."""
-    grey = Image.fromarray(pixels).convert("L").resize((4 * HASH_SIDE, 4 * HASH_SIDE), Image.LANCZOS)
-    coefficients = fft.dctn(np.asarray(grey, dtype=np.float64), norm="ortho")[:HASH_SIDE, :HASH_SIDE].ravel()
-    return np.packbits(coefficients > np.median(coefficients[1:]))  # DC (mean brightness) left out of the median
+from .intake import HASH_BYTES, HASH_SIDE, perceptual_hash
 
 
 def perceptual_hashes(dataset: intake.Dataset, samples: list[intake.Sample]) -> np.ndarray:
-    """(N, 32) uint8 hashes, computed in parallel once per data set and kept in the cache."""
+    """(N, 32) uint8 hashes: those intake computed while checking the files, else (an .npz set)
+    computed in parallel once per data set and kept in the cache."""
+    if all(s.source in dataset.perceptual for s in samples):
+        return np.stack([dataset.perceptual[s.source] for s in samples]) if samples else np.zeros((0, HASH_BYTES),
+                                                                                                 np.uint8)
     key = {"fingerprint": dataset.fingerprint, "samples": intake.samples_hash(samples), "hash": f"phash{HASH_SIDE}"}
 
     def fill(out):

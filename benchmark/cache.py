@@ -32,18 +32,33 @@ def _digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Files whose checksum this process has already checked or written, with the (mtime, size) they had
+# then: a run reads the same decoded split many times (training, evaluation, flips, Grad-CAM), and
+# hashing 700 MB each time cost seconds. Any write since changes the mtime, and the file is checked again.
+_checked: dict[Path, tuple[int, int]] = {}
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_mtime_ns, info.st_size
+
+
 def _usable(data: Path, meta: Path, key: dict, shape: tuple, dtype) -> bool:
     if not (data.is_file() and meta.is_file()):
         return False
     try:
         recorded = json.loads(meta.read_text())
+        stamp = _stamp(data)
         ok = (recorded["key"] == json.loads(json.dumps(key, default=str)) and tuple(recorded["shape"]) == shape
-              and recorded["dtype"] == np.dtype(dtype).str and recorded["checksum"] == _digest(data))
+              and recorded["dtype"] == np.dtype(dtype).str
+              and (_checked.get(data) == stamp or recorded["checksum"] == _digest(data)))
     except (ValueError, KeyError, OSError):
         ok = False
     if not ok:
         print(f"cache: {data} is corrupt, truncated or stale; rebuilding it", file=sys.stderr)
-    return ok
+        return False
+    _checked[data] = stamp
+    return True
 
 
 class Entry:
@@ -70,6 +85,7 @@ class Entry:
         del out
         record = {"key": self.key, "shape": self.shape, "dtype": self.dtype.str, "checksum": _digest(self._partial)}
         os.replace(self._partial, self.data)
+        _checked[self.data] = _stamp(self.data)
         partial_meta = self._partial.with_suffix(".json")
         partial_meta.write_text(json.dumps(record, default=str, indent=1))
         os.replace(partial_meta, self.meta)

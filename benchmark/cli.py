@@ -105,12 +105,15 @@ def _perf(args) -> int:
     from . import perf
 
     if args.memory:
-        text = perf.memory(args.memory)
+        text, default_out = perf.memory(args.memory), "results/perf-memory.md"
+    elif args.yes_no:
+        text = perf.yes_no_run(quick=args.quick, data=args.data or "", weights=args.weights, trials=args.trials)
+        default_out = "results/perf-yes-no.md"
     else:
-        text = perf.run(quick=args.quick, data=args.data or "", weights=args.weights, trials=args.trials)
+        text, default_out = perf.run(data=args.data or "", config_file=args.config, quick=args.quick), "results/perf.md"
     print("\n" + text)
     if not args.quick:
-        out = Path(args.out or ("results/perf-memory.md" if args.memory else "results/perf.md"))
+        out = Path(args.out or default_out)
         out.write_text(text)
         print(f"written: {out}")
     return 0
@@ -292,15 +295,21 @@ def build_parser() -> argparse.ArgumentParser:
     predict_cmd.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     predict_cmd.set_defaults(run=_predict)
 
-    perf_cmd = commands.add_parser("perf", help="time the cached trainer against the seeds' pipeline")
+    perf_cmd = commands.add_parser("perf", help="time a whole run stage by stage, cold and warm, against the "
+                                                "seeds' pipeline (results/perf.md)")
     perf_cmd.add_argument("--quick", action="store_true", help="small phantom run for a smoke check (writes nothing)")
-    perf_cmd.add_argument("--data", help="data set (default: ../shared/datasets/brain-mri-yes-no when present)")
-    perf_cmd.add_argument("--weights", default="none", help="weights for both sides (default none)")
-    perf_cmd.add_argument("--trials", type=int, default=0, help="sweep trials to time (default 20, quick 3)")
+    perf_cmd.add_argument("--config", default="configs/four-class-fast.toml", help="the recipe to time")
+    perf_cmd.add_argument("--data", help="data set (default: the config's; with --yes-no "
+                                         "../shared/datasets/brain-mri-yes-no)")
+    perf_cmd.add_argument("--yes-no", action="store_true", help="instead: vgg16 on the yes/no set, cached views "
+                          "against the seeds' way in one process, a sweep, inference (results/perf-yes-no.md)")
+    perf_cmd.add_argument("--weights", default="none", help="with --yes-no: weights for both sides (default none)")
+    perf_cmd.add_argument("--trials", type=int, default=0, help="with --yes-no: sweep trials to time (default 20)")
     perf_cmd.add_argument("--memory", metavar="DATA", help="instead: peak memory of a 224 px bench of DATA "
                           "(efficientnet_lite0, configs/experiments/four-class-cv.toml on one split), written to "
                           "results/perf-memory.md")
-    perf_cmd.add_argument("--out", help="default results/perf.md (--memory: results/perf-memory.md)")
+    perf_cmd.add_argument("--out", help="default results/perf.md (--memory: results/perf-memory.md, --yes-no: "
+                                        "results/perf-yes-no.md)")
     perf_cmd.set_defaults(run=_perf)
 
     report_cmd = commands.add_parser("report", help="rebuild the comparison table from MLflow alone")

@@ -5,6 +5,9 @@ With a cache, phase 1 trains the head on pooled base features of `views` copies 
 image (the image itself, then augmented copies); phase 2 trains the unfrozen groups on the stored
 outputs of the frozen groups below them. Epoch e uses view e mod views, so the views trade fresh augmentation every
 epoch (the seeds) for speed: fewer views, faster; more views, closer to on-the-fly augmentation.
+Everything a run caches is computed in one pass per view, each view only as deep as its outputs need:
+when the head starts at the linear probe (which sees the plain images only), the augmented views
+run through the frozen groups alone.
 """
 from __future__ import annotations
 
@@ -83,13 +86,16 @@ class Cached:
     def __init__(self, train_images, train_labels, train_weights, val_images, val_labels, preprocess, augment,
                  views: int, seed: int, batch_size: int, key: dict, plan_unfreeze: int = 0,
                  stream: Streamed | None = None, batch_statistics: bool = False, mix: float = 0.0,
-                 n_classes: int = 0):
+                 n_classes: int = 0, probe_head: bool = False):
         self.stream = stream  # used when nothing is frozen: caching the input saves nothing then
         self.batch_statistics = batch_statistics  # as model.build_classifier's
         self.train_images, self.val_images = train_images, val_images
         self.train_labels, self.val_labels, self.train_weights = train_labels, val_labels, train_weights
         self.preprocess, self.augment, self.seed, self.batch_size = preprocess, augment, seed, batch_size
         self.views = views if (augment is not None and augment.enabled) else 1
+        # probe_head: the head starts at the linear probe and phase 1 never trains on pooled views, so
+        # pooled features are wanted of the plain images (view 0) alone
+        self.pooled_views = 1 if probe_head else self.views
         self.key = {**key, "views": self.views, "seed": seed, "view0": "plain"}
         self.plan_unfreeze = plan_unfreeze
         self.mix, self.n_classes = mix, n_classes  # mixup of the training batches (pipeline.mixup)
@@ -103,7 +109,8 @@ class Cached:
         entries = {}
         for name, tensor in outputs.items():
             dtype = np.float32 if name == "pooled" else np.float16
-            for split, images, views in (("train", self.train_images, self.views), ("val", self.val_images, 1)):
+            train_views = self.pooled_views if name == "pooled" else self.views
+            for split, images, views in (("train", self.train_images, train_views), ("val", self.val_images, 1)):
                 key = {**self.key, "output": name, "split": split, "views": views}
                 if name == "prefix":
                     key["boundary"] = boundary or "input"
@@ -112,35 +119,46 @@ class Cached:
         return entries
 
     def _arrays(self, base, spec, unfreeze: int) -> dict:
-        """Load the cached arrays, computing the missing ones in one forward pass per view."""
-        entries = self._entries(base, spec, unfreeze)
-        arrays = {k: entry.load() for k, (entry, *_rest) in entries.items()}
-        for split in ("train", "val"):
-            missing = [k for k in arrays if k[1] == split and arrays[k] is None]
-            if not missing:
-                continue
-            _, _, images, views = entries[missing[0]]
-            extractor = keras.Model(base.inputs, [entries[k][1] for k in missing])
-            outs = [entries[k][0].open() for k in missing]
-            try:
-                augment = self.augment if split == "train" else None
-                with stopwatch.stage("cache"):
-                    for view, start, batch in pipeline.view_batches(images, augment, views, self.seed,
-                                                                    self.batch_size):
-                        results = extractor.predict_on_batch(self.preprocess(batch))
-                        results = results if isinstance(results, (list, tuple)) else [results]
-                        for out, result in zip(outs, results):
-                            out[view, start:start + len(batch)] = np.asarray(result)
-                for k, out in zip(missing, outs):
-                    arrays[k] = entries[k][0].commit(out)
-            finally:
-                for k in missing:
-                    entries[k][0].discard()
+        """Load the cached arrays, computing the missing ones in one pass over the views, each view
+        through a model with just the outputs still wanted of it (the prefix alone stops early)."""
+        with stopwatch.stage("cache"):  # checksums of the files, written or read, included
+            entries = self._entries(base, spec, unfreeze)
+            arrays = {k: entry.load() for k, (entry, *_rest) in entries.items()}
+            for split in ("train", "val"):
+                missing = [k for k in arrays if k[1] == split and arrays[k] is None]
+                if missing:
+                    arrays.update(self._compute(base, entries, missing, split))
         return arrays
 
+    def _compute(self, base, entries: dict, missing: list, split: str) -> dict:
+        """The `missing` entries of `split`, computed and written."""
+        images = entries[missing[0]][2]
+        extractors = {}  # the outputs wanted of a view -> the model computing just those
+        outs = {k: entries[k][0].open() for k in missing}
+        try:
+            augment = self.augment if split == "train" else None
+            views = max(entries[k][3] for k in missing)
+            for view, start, batch in pipeline.view_batches(images, augment, views, self.seed, self.batch_size):
+                wanted = tuple(k for k in missing if view < entries[k][3])
+                if wanted not in extractors:
+                    extractors[wanted] = keras.Model(base.inputs, [entries[k][1] for k in wanted])
+                results = extractors[wanted].predict_on_batch(self.preprocess(batch))
+                results = results if isinstance(results, (list, tuple)) else [results]
+                for k, result in zip(wanted, results):
+                    outs[k][view, start:start + len(batch)] = np.asarray(result)
+            return {k: entries[k][0].commit(out) for k, out in outs.items()}
+        finally:
+            for k in missing:
+                entries[k][0].discard()
+
+    def _planned(self, base, spec) -> int:
+        """The unfreeze depth whose frozen prefix this run's phase 2 will train on (0: none)."""
+        return self.plan_unfreeze if boundary_layer(base, spec, self.plan_unfreeze) is not None else 0
+
     def pooled(self, base, spec) -> tuple[np.ndarray, np.ndarray]:
-        """Pooled base features: train (views, N, F), view 0 the plain images, val (N, F)."""
-        arrays = self._arrays(base, spec, 0)
+        """Pooled base features: train (views, N, F), view 0 the plain images, val (N, F). Phase 2's
+        frozen-prefix outputs are cached in the same pass."""
+        arrays = self._arrays(base, spec, self._planned(base, spec))
         return arrays[("pooled", "train")], np.asarray(arrays[("pooled", "val")][0])
 
     def phase(self, model, base, spec, unfreeze: int):
@@ -150,8 +168,7 @@ class Cached:
         streamed images, with fresh augmentation every epoch."""
         if self.stream is not None and boundary_layer(base, spec, unfreeze) is None:
             return self.stream.phase(model, base, spec, unfreeze)
-        plan = self.plan_unfreeze if boundary_layer(base, spec, self.plan_unfreeze) is not None else 0
-        arrays = self._arrays(base, spec, unfreeze or plan)
+        arrays = self._arrays(base, spec, unfreeze or self._planned(base, spec))
         name = "prefix" if unfreeze > 0 else "pooled"
         train, val = arrays[(name, "train")], arrays[(name, "val")]
         inputs = keras.Input(train.shape[2:], name=f"cached_{name}")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import fft
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 SYSTEM_FILES = {"thumbs.db", "desktop.ini", "__macosx"}
@@ -75,6 +76,8 @@ class Dataset:
     notes: list[Problem] = field(default_factory=list)  # usable images with something to say (decoder warnings)
     arrays: np.ndarray | None = None  # the X array of an .npz set (uint8), else None
     digests: dict[str, str] = field(default_factory=dict)  # source -> sha256 of its bytes
+    # source -> perceptual hash (32 bytes), computed from the pixels the check decoded anyway
+    perceptual: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -226,13 +229,25 @@ def load_rgb(path: Path) -> np.ndarray:
     return load_rgb_noting(path)[0]
 
 
-def _inspect(path: Path) -> tuple[str, tuple[int, int], str, str, list[str]]:
-    """(reason it is unusable or '', size, mode, content hash, notes) of one image file."""
+HASH_SIDE = 16  # 16x16 DCT coefficients: a 256-bit perceptual hash, stored as 32 bytes (audit.py says why)
+HASH_BYTES = HASH_SIDE * HASH_SIDE // 8
+
+
+def perceptual_hash(pixels: np.ndarray) -> np.ndarray:
+    """pHash of an (H, W, 3) uint8 image as 32 bytes: bit = low-frequency DCT coefficient above their median."""
+    grey = Image.fromarray(pixels).convert("L").resize((4 * HASH_SIDE, 4 * HASH_SIDE), Image.LANCZOS)
+    coefficients = fft.dctn(np.asarray(grey, dtype=np.float64), norm="ortho")[:HASH_SIDE, :HASH_SIDE].ravel()
+    return np.packbits(coefficients > np.median(coefficients[1:]))  # DC (mean brightness) left out of the median
+
+
+def _inspect(path: Path) -> tuple[str, tuple[int, int], str, str, np.ndarray | None, list[str]]:
+    """(reason it is unusable or '', size, mode, content hash, perceptual hash, notes) of one image
+    file: one decode checks it and hashes what it shows."""
     try:
-        _, mode, size, notes = _decode_noting(path)
+        pixels, mode, size, notes = _decode_noting(path)
     except _BadImage as bad:
-        return str(bad), (0, 0), "", "", []
-    return "", size, mode, hashlib.sha256(path.read_bytes()).hexdigest(), notes
+        return str(bad), (0, 0), "", "", None, []
+    return "", size, mode, hashlib.sha256(path.read_bytes()).hexdigest(), perceptual_hash(pixels), notes
 
 
 # ----------------------------------------------------------------------------------------- layout
@@ -400,7 +415,7 @@ def _read_folders(root: Path, splits: dict[str, Path], configured: list[str], sk
     dataset = Dataset(root, "split-folders" if splits else "folders", class_names, {}, "", skipped=bad,
                       ignored=ignored, not_followed=not_followed)
     entries = []
-    for (split, path, name), (err, size, mode, digest, notes) in zip(candidates, inspected):
+    for (split, path, name), (err, size, mode, digest, perceptual, notes) in zip(candidates, inspected):
         if err:
             continue
         dataset.notes += [Problem(str(path), note) for note in notes]
@@ -409,6 +424,7 @@ def _read_folders(root: Path, splits: dict[str, Path], configured: list[str], sk
         dataset.sizes[size] += 1
         dataset.modes[mode] += 1
         dataset.digests[rel] = digest
+        dataset.perceptual[rel] = perceptual
         entries.append((rel, digest))
     for split, samples in dataset.splits.items():
         counts = Counter(s.label for s in samples)

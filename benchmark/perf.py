@@ -1,9 +1,11 @@
-"""`make perf`: this project's trainer against the seeds' way, side by side in one process.
+"""`make perf`: where the time of a whole run goes, and this project's trainer against the seeds' way.
 
-(a) baseline: the whole model every epoch, augmentation on the fly, frozen layers recomputed;
-(b), (c) tumorbench: frozen layers computed once per augmented view (4, 2) and cached.
-Same data, split, epochs, seed and weights. Then an N-trial sweep against one trial, and
-inference images/s through the predict path against the raw backbone forward.
+`run` (the default): the recommended recipe (configs/four-class-fast.toml) as three `bench` commands,
+one after another: with cold caches, again with them warm, and the seeds' way (the whole model every
+epoch, augmentation on the fly) at the same epochs; each stage's seconds from MLflow, the accuracies
+and the paired difference. `yes_no_run`: vgg16 on the yes/no set, (a) the seeds' way against (b), (c)
+frozen layers cached per augmented view (4, 2) in one process, an N-trial sweep against one trial,
+and inference images/s through the predict path against the raw backbone forward.
 """
 from __future__ import annotations
 
@@ -18,12 +20,19 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import pandas as pd
+from mlflow.tracking import MlflowClient
 
-from . import intake, metrics, pipeline, recipe, sweep
+from . import intake, metrics, pipeline, recipe, report, sweep, tracking
 from .config import TrainConfig, load_config
 from .trainer import train_two_phase
 
-YES_NO = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "brain-mri-yes-no"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+YES_NO = SHARED / "brain-mri-yes-no"
+RUN_CONFIG = "configs/four-class-fast.toml"
+# The stages of a run in the order it meets them (stopwatch names, as MLflow's stage_<name>_seconds).
+STAGES = ("intake", "duplicate groups", "decoding", "build", "probe", "cache", "training", "evaluation", "tta",
+          "inference timing", "gradcam", "model logging")
 
 
 def perf_config(quick: bool, data: str, weights: str, results_dir: str, views: int):
@@ -105,7 +114,7 @@ def timed_sweep(quick: bool, data: str, weights: str, results_dir: str, trials: 
 ARMS = (("(a) seeds' way", 0), ("(b) tumorbench, 4 views", 4), ("(c) tumorbench, 2 views", 2))
 
 
-def run(quick: bool = False, data: str = "", weights: str = "none", trials: int = 0) -> str:
+def yes_no_run(quick: bool = False, data: str = "", weights: str = "none", trials: int = 0) -> str:
     trials = trials or (3 if quick else 20)
     with tempfile.TemporaryDirectory() as scratch:
         os.environ["TUMORBENCH_CACHE"] = str(Path(scratch) / "cache")  # cold caches, counted in (b) and (c)
@@ -235,3 +244,109 @@ def memory(data: str, size: int = 224, views: int = 2, backbones: str = "efficie
         "held in RAM for the per-epoch validation pass.",
         "",
     ])
+
+
+def bench_arm(config_file: str, data: str, cache: Path, store: Path, overrides: list[str]) -> dict:
+    """One `bench` command in a fresh process with its own cache folder and MLflow store: its wall
+    time, its run's stage seconds and metrics, epochs and validation predictions."""
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    command = [sys.executable, "-m", "benchmark", "bench", "--config", config_file]
+    command += ["--data", data] if data else []
+    for override in (f'tracking.results_dir="{store}"', f'tracking.uri="{uri}"', *overrides):
+        command += ["--set", override]
+    started = time.perf_counter()
+    done = subprocess.run(command, env={**os.environ, "TUMORBENCH_CACHE": str(cache)}, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"the timed bench failed ({done.returncode}): {' '.join(command)}\n{done.stderr[-3000:]}")
+    client = MlflowClient(uri)
+    [run] = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+             if r.data.tags.get(tracking.KIND_TAG) == "bench"]
+    with tempfile.TemporaryDirectory() as tmp:
+        predictions = pd.read_csv(client.download_artifacts(run.info.run_id, "predictions_val.csv", tmp))
+    stages = {key.removeprefix("stage_").removesuffix("_seconds").replace("_", " "): value
+              for key, value in run.data.metrics.items() if key.startswith("stage_")}
+    return {"wall": wall, "stages": stages, "metrics": run.data.metrics, "params": run.data.params,
+            "epochs": len(client.get_metric_history(run.info.run_id, "epoch_phase")), "predictions": predictions,
+            "data_set": client.get_experiment(run.info.experiment_id).name}
+
+
+def run(data: str = "", config_file: str = RUN_CONFIG, quick: bool = False) -> str:
+    """The recipe's whole run timed stage by stage on `data` (default: the config's): cold caches,
+    warm caches, and the seeds' way (cache_views = 0: the whole model every epoch on freshly
+    augmented images), same epochs."""
+    if quick:  # a smoke check of this script on phantoms, seconds per arm
+        config_file, data = "configs/quick.toml", ""
+    small = ['model.backbones=["efficientnet_lite0"]', "model.input_size=64", "train.epochs2=1"] if quick else []
+    arms = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        for label, cache, overrides in (("cold caches", "cache", []), ("warm caches", "cache", []),
+                                        ("seeds' way", "cache-seeds", ["train.cache_views=0"])):
+            print(f"timing the run, {label} ...", flush=True)
+            arms[label] = bench_arm(config_file, data, root / cache, root / label.replace(" ", "-"),
+                                    [*small, *overrides])
+    return run_report(arms, config_file, quick)
+
+
+def run_report(arms: dict[str, dict], config_file: str, quick: bool = False) -> str:
+    """results/perf.md from the timed arms (bench_arm's dicts, keyed by label; the first is the cold
+    run the others are compared with)."""
+    labels = list(arms)
+    cold, seeds = arms[labels[0]], arms[labels[-1]]
+    params = cold["params"]
+    stages = [name for name in STAGES if any(name in arm["stages"] for arm in arms.values())]
+    stages += sorted({name for arm in arms.values() for name in arm["stages"]} - set(stages))
+
+    def row(label: str, values: list[float], fmt: str = "{:.0f}", ratio: bool = True) -> str:
+        cells = [fmt.format(v) if np.isfinite(v) else "" for v in values]
+        quotient = f"{values[-1] / values[0]:.1f}x" if ratio and values[0] > 0 and np.isfinite(values[-1]) else ""
+        return f"| {label} | " + " | ".join(cells) + f" | {quotient} |"
+
+    lines = [
+        "# Performance: where a run's time goes, and the cached trainer against the seeds' way",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'this machine'}: {os.cpu_count()} CPU cores, "
+        f"{platform.processor() or platform.machine()}, no GPU{' (QUICK run)' if quick else ''}, by `make perf`: "
+        f"`{config_file}` ({params['backbone']} `{params['weights']}` at {params['input_size']} px, "
+        f"{params['epochs2']} epoch(s) of phase 2 on the top {params['unfreeze']} groups after a linear probe, "
+        f"{params['cache_views']} cached views) on {cold['data_set']} "
+        f"({params['n_train']} train / {params['n_val']} validation images), as three `bench` commands one after "
+        "another, each a fresh process: with an empty tumorbench cache (decoded images, hashes, frozen-layer "
+        "outputs, converted weights), again with that cache warm, and the seeds' way (`train.cache_views = 0`: "
+        "the whole model every epoch on freshly augmented images) from an empty cache. The operating system's "
+        "file cache was not dropped. Stage seconds are the run's `stage_<name>_seconds` metrics; 'other' is "
+        "the rest of the command's wall time (start-up and imports, MLflow, the report).",
+        "",
+        "| seconds | " + " | ".join(labels) + f" | {labels[-1]} / {labels[0]} |",
+        "|---|" + "---:|" * (len(labels) + 1),
+    ]
+    for name in stages:
+        lines.append(row(name, [arm["stages"].get(name, 0.0) for arm in arms.values()]))
+    walls = [arm["wall"] for arm in arms.values()]
+    others = [arm["wall"] - sum(arm["stages"].values()) for arm in arms.values()]
+    outside = [100 * (arm["wall"] - arm["stages"].get("training", 0.0)) / arm["wall"] for arm in arms.values()]
+    lines += [row("other", others), row("**whole command**", walls),
+              row("outside the training epochs (%)", outside, ratio=False), ""]
+    lines += ["| validation | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for key, label in (("val_accuracy", "accuracy"), ("val_macro_f1", "macro-F1"),
+                       ("tta_val_accuracy", "accuracy with the flip")):
+        lines.append(f"| {label} | " + " | ".join(f"{arm['metrics'].get(key, np.nan):.4f}" for arm in arms.values())
+                     + " |")
+    lines.append("| epochs run | " + " | ".join(str(arm["epochs"]) for arm in arms.values()) + " |")
+    paired = report.pair("val", labels[0], cold["predictions"], labels[-1], seeds["predictions"], 2000)
+    repeat = arms[labels[1]]["predictions"]
+    columns = [c for c in repeat.columns if c.startswith("prob_")]
+    same = np.abs(repeat.sort_values("source")[columns].to_numpy()
+                  - cold["predictions"].sort_values("source")[columns].to_numpy()).max()
+    lines += [
+        "",
+        f"Paired on the same {paired['n_images']} validation images, {labels[0]} minus {labels[-1]}: accuracy "
+        f"{paired['accuracy_diff']:+.4f} [{paired['accuracy_diff_ci_low']:+.4f}, "
+        f"{paired['accuracy_diff_ci_high']:+.4f}] (paired bootstrap, 95%), macro-F1 {paired['macro_f1_diff']:+.4f} [{paired['macro_f1_diff_ci_low']:+.4f}, "
+        f"{paired['macro_f1_diff_ci_high']:+.4f}]; right only with the cache {paired['only_a_right']}, only the "
+        f"seeds' way {paired['only_b_right']}, McNemar p = {paired['mcnemar_p']:.2f}. The warm run's probabilities "
+        f"differ from the cold run's by at most {same:.1e}.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -63,11 +63,12 @@ def decoded_images(dataset: intake.Dataset, samples: list[intake.Sample], size: 
     key = {"fingerprint": dataset.fingerprint, "size": size, "samples": intake.samples_hash(samples)}
 
     def fill(out):
-        with stopwatch.stage("decoding"), ThreadPoolExecutor(max_workers=intake.READ_THREADS) as pool:
+        with ThreadPoolExecutor(max_workers=intake.READ_THREADS) as pool:
             for i, pixels in enumerate(pool.map(lambda s: resize(dataset.read(s), size), samples)):
                 out[i] = pixels
 
-    return cache.cached_array("decoded", key, (len(samples), size, size, 3), np.uint8, fill)
+    with stopwatch.stage("decoding"):  # checksums of the cached copy, written or read, included
+        return cache.cached_array("decoded", key, (len(samples), size, size, 3), np.uint8, fill)
 
 
 # Test-time flips: out of fold on the 4-class set (5,708 images, lite0 top-4 fold models) the mean
@@ -87,14 +88,19 @@ def ensemble_probabilities(members: list[tuple], images: np.ndarray, batch_size:
     """(N, K) class probabilities of raw RGB images (N, H, W, 3), 0..255: the mean over the models
     of an ensemble ((model, preprocess) pairs; one for a single model) and, with `tta`, over the
     test-time views. What `predict` and the MLflow model both compute."""
+    return np.mean(view_probabilities(members, images, batch_size, range(TTA_VIEW_COUNT if tta else 1)), axis=0)
+
+
+def view_probabilities(members: list[tuple], images: np.ndarray, batch_size: int, views) -> list[np.ndarray]:
+    """(N, K) class probabilities of each member on each test-time view in `views`, member by member."""
     ds = tf.data.Dataset.from_tensor_slices(np.asarray(images)).batch(batch_size)
     results = []
     for model, preprocess in members:
-        for view in range(TTA_VIEW_COUNT if tta else 1):
+        for view in views:
             mapped = ds.map(lambda b, v=view: preprocess(tta_view(tf.cast(b, tf.float32), v)),
                             num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
             results.append(metrics.class_probabilities(model.predict(mapped, verbose=0)))
-    return np.mean(results, axis=0)
+    return results
 
 
 def mixup(inputs: np.ndarray, labels: np.ndarray, weights: np.ndarray | None, rng: np.random.Generator,

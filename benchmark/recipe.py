@@ -38,6 +38,7 @@ class Prepared:
     path: str
     groups: dict[str, int] | None = None  # source -> duplicate group (data.group_duplicates)
     excluded: pd.DataFrame | None = None  # images left out as copies of data.exclude_copies_of (audit.copies_in)
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds of intake, duplicate groups
 
 
 def data_path(config) -> Path:
@@ -60,18 +61,18 @@ def prepare_data(config) -> Prepared:
     first, so no group straddles train and val."""
     data = config.data
     path = data_path(config)
-    with stopwatch.stage("intake"):
-        dataset = intake.load_dataset(path, data.class_names, data.skip_bad)
-    for problem in dataset.not_followed:
-        print(f"skipped {problem}", file=sys.stderr)
-    name = dataset_name(config)
-    excluded = _copies_of_other_sets(dataset, data) if data.exclude_copies_of else None
-    if excluded is not None:
-        dataset = intake.without(dataset, set(excluded["source"]))
-    with stopwatch.stage("duplicate groups"):
-        groups = audit.duplicate_groups(dataset, data.duplicate_distance) if data.group_duplicates else None
-    return Prepared(dataset, intake.split(dataset, data.val_fraction, config.seed, groups), name, str(path), groups,
-                    excluded)
+    with stopwatch.running(stopwatch.Stopwatch()) as watch:
+        with stopwatch.stage("intake"):
+            dataset = intake.load_dataset(path, data.class_names, data.skip_bad)
+        for problem in dataset.not_followed:
+            print(f"skipped {problem}", file=sys.stderr)
+        excluded = _copies_of_other_sets(dataset, data) if data.exclude_copies_of else None
+        if excluded is not None:
+            dataset = intake.without(dataset, set(excluded["source"]))
+        with stopwatch.stage("duplicate groups"):
+            groups = audit.duplicate_groups(dataset, data.duplicate_distance) if data.group_duplicates else None
+    return Prepared(dataset, intake.split(dataset, data.val_fraction, config.seed, groups), dataset_name(config),
+                    str(path), groups, excluded, watch.seconds)
 
 
 def _copies_of_other_sets(dataset: intake.Dataset, data) -> pd.DataFrame:
@@ -358,6 +359,7 @@ class Built:
     # BatchNormalization statistics as loaded, kept when the factory adapted them (train.batchnorm)
     loaded_statistics: dict | None = None
     seed: int = 0  # its training seed (training_seed)
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds of building it, decoding included
 
     @property
     def from_scratch(self) -> bool:
@@ -414,7 +416,8 @@ def make_feed(config, prepared: Prepared, spec, size: int, weights_used: str, se
         pipeline.decoded_images(dataset, parts["val"], size), pipeline.label_array(parts["val"], n_classes),
         spec.preprocess, config.augment, train.cache_views, seed, train.batch_size, key,
         plan_unfreeze=train.unfreeze if train.epochs2 > 0 else 0, stream=streamed,
-        batch_statistics=batch_statistics(config, weights_used), mix=train.mixup, n_classes=n_classes)
+        batch_statistics=batch_statistics(config, weights_used), mix=train.mixup, n_classes=n_classes,
+        probe_head=train.head_init == "probe" and weights_used != "none")
 
 
 # Moving-statistics momentum of BatchNormalization trained from scratch. Keras' 0.99 needs hundreds of
@@ -434,8 +437,10 @@ def build(config, prepared: Prepared, name: str, weights: str, member: int = 0) 
     head, and the feed for it. With train.batchnorm = "train" the pretrained base's
     BatchNormalization statistics are first adapted to the plain training images (AdaBN), so the
     probe, the head and fine-tuning share them."""
-    with stopwatch.stage("build"):
-        return _build(config, prepared, backbones.get(name), weights, member)
+    with stopwatch.running(stopwatch.Stopwatch()) as watch, stopwatch.stage("build"):
+        built = _build(config, prepared, backbones.get(name), weights, member)
+    built.stages = watch.seconds
+    return built
 
 
 def _build(config, prepared: Prepared, spec, weights: str, member: int) -> Built:
@@ -473,8 +478,10 @@ def train_and_log(config, prepared: Prepared, built: Built, callbacks: list = ()
     """
     with stopwatch.running(stopwatch.Stopwatch()) as watch:
         outcome = _train_and_log(config, prepared, built, callbacks, score_key, trial)
-    mlflow.log_metrics(watch.metrics())
-    return {**outcome, "stages": watch.seconds}
+    # Where the run's time went, from reading the data (shared by the backbones of one command) to
+    # logging the model: stage_<name>_seconds.
+    mlflow.log_metrics(stopwatch.as_metrics({**prepared.stages, **built.stages, **watch.seconds}))
+    return outcome
 
 
 def _train_and_log(config, prepared: Prepared, built: Built, callbacks, score_key: str, trial: bool) -> dict:
@@ -503,7 +510,7 @@ def _train_and_log(config, prepared: Prepared, built: Built, callbacks, score_ke
                                          threshold) for split in splits}
         predictions = {split: predictions_frame(dataset, parts[split], probabilities[split]) for split in splits}
         with stopwatch.stage("tta"):
-            scores, predictions = _score_tta(config, prepared, built, splits, scores, predictions, trial)
+            scores, predictions = _score_tta(config, prepared, built, probabilities, scores, predictions, trial)
         for split, frame in predictions.items():
             mlflow.log_text(frame.to_csv(index=False), f"predictions_{split}.csv")
     except (TrainingFailed, ValueError) as err:
@@ -532,17 +539,19 @@ def _train_and_log(config, prepared: Prepared, built: Built, callbacks, score_ke
             "predictions": predictions, "costs": costs, "epochs": len(result.epochs), "seconds": result.seconds}
 
 
-def _score_tta(config, prepared: Prepared, built: Built, splits: list[str], scores: dict, predictions: dict,
+def _score_tta(config, prepared: Prepared, built: Built, plain: dict, scores: dict, predictions: dict,
                trial: bool) -> tuple[dict, dict]:
     """scores and predictions with tta_<split> added (evaluate.tta; never in a sweep trial): each
-    image and its test-time views, probabilities averaged, as `predict --tta` scores them."""
+    image and its test-time views, probabilities averaged, as `predict --tta` scores them. The
+    plain view's are the split's `plain` probabilities, already computed."""
     if not config.evaluate.tta or trial:
         return scores, predictions
     dataset, parts = prepared.dataset, prepared.parts
-    for split in splits:
-        averaged = pipeline.ensemble_probabilities(
+    for split, probabilities in plain.items():
+        other_views = pipeline.view_probabilities(
             [(built.model, built.spec.preprocess)], pipeline.decoded_images(dataset, parts[split], built.size),
-            config.train.batch_size, tta=True)
+            config.train.batch_size, range(1, pipeline.TTA_VIEW_COUNT))
+        averaged = np.mean([probabilities, *other_views], axis=0)
         scores[f"tta_{split}"] = metrics.compute([s.label for s in parts[split]], averaged,
                                                  dataset.class_names, config.evaluate.calibration_bins)
         mlflow.log_metrics(metrics.flatten(scores[f"tta_{split}"], f"tta_{split}"))

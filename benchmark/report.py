@@ -283,7 +283,9 @@ def _ensemble(frames: dict) -> pd.DataFrame | None:
                       pd.DataFrame(mean, columns=_probability_columns(ordered[0]))], axis=1)
 
 
-def _pair(split: str, name_a: str, a: pd.DataFrame, name_b: str, b: pd.DataFrame, resamples: int) -> dict:
+def pair(split: str, name_a: str, a: pd.DataFrame, name_b: str, b: pd.DataFrame, resamples: int) -> dict:
+    """Two models' predictions of the same images: accuracies, the paired differences with bootstrap
+    intervals, and McNemar's test (a note instead when the images differ)."""
     aligned = _aligned([a, b])
     if aligned is None:
         return {"split": split, "a": name_a, "b": name_b, "n_images": len(set(a["source"]) & set(b["source"])),
@@ -315,11 +317,11 @@ def paired_comparisons(client: MlflowClient, runs: list, source: str, resamples:
                   _predictions(client, run, artifact) for run in runs}
         if any(frame is None for frame in frames.values()):
             continue
-        rows += [_pair(split, name_a, a, name_b, b, resamples)
+        rows += [pair(split, name_a, a, name_b, b, resamples)
                  for (name_a, a), (name_b, b) in itertools.combinations(frames.items(), 2)]
         ensemble = _ensemble(frames)
         if ensemble is not None:
-            rows += [_pair(split, ENSEMBLE, ensemble, name, frame, resamples) for name, frame in frames.items()]
+            rows += [pair(split, ENSEMBLE, ensemble, name, frame, resamples) for name, frame in frames.items()]
     return pd.DataFrame(rows)
 
 

@@ -31,9 +31,6 @@ class Stopwatch:
             if self._open:
                 self._open[-1][1] += total
 
-    def metrics(self) -> dict[str, float]:
-        """MLflow metrics: stage_<name>_seconds (spaces as underscores)."""
-        return {f"stage_{name.replace(' ', '_')}_seconds": seconds for name, seconds in self.seconds.items()}
 
     def line(self) -> str:
         """'time: 812 s; intake 95 s (12%), cache 120 s (15%), training 500 s (62%), ...; outside the
@@ -44,6 +41,11 @@ class Stopwatch:
                            if seconds >= 0.5)
         outside = 100 * (total - self.seconds.get("training", 0.0)) / total
         return f"time: {total:.0f} s; {shares}; outside the training epochs {outside:.0f}%"
+
+
+def as_metrics(seconds: dict[str, float]) -> dict[str, float]:
+    """Stage seconds as MLflow metrics: stage_<name>_seconds (spaces as underscores)."""
+    return {f"stage_{name.replace(' ', '_')}_seconds": value for name, value in seconds.items()}
 
 
 @contextmanager

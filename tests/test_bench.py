@@ -34,10 +34,11 @@ def tiny_config(tmp_path, *extra):
     return load_config(None, [*TINY, f'tracking.results_dir="{tmp_path / "results"}"', *extra])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def benched(tmp_path_factory):
-    """One tiny benchmark over every registered backbone, shared by the assertions below; its store
-    (a model file per backbone) is removed after this module, not at the end of the session."""
+    """One tiny benchmark over every registered backbone, shared by the assertions below: trained
+    once per test process (a module-scoped one was trained again whenever a pytest-xdist worker ran
+    another module's test in between); its store, a model file per backbone, goes at the end."""
     tmp = tmp_path_factory.mktemp("bench")
     config = tiny_config(tmp, f"model.backbones={json.dumps(backbones.names())}")
     with pytest.MonkeyPatch.context() as monkeypatch:  # what the autouse fixtures do for each test
@@ -74,15 +75,23 @@ def test_one_finished_run_and_row_per_backbone(benched):
 
 def test_every_run_logs_where_its_time_went(benched):
     """Stage seconds as metrics: the stages a tiny bench run goes through, each its own time, so
-    together they fit inside the run's wall time (bench also prints them as one line)."""
+    those inside the run fit inside its wall time; reading the data (shared by every backbone of the
+    command, the same figures in each run) and building the model come before the run starts."""
     config, _, _, name = benched
     client = MlflowClient(tracking.tracking_uri(config.tracking))
+    before_the_run = {"stage_intake_seconds", "stage_duplicate_groups_seconds", "stage_build_seconds",
+                      "stage_decoding_seconds"}
+    shared = []
     for run in client.search_runs([client.get_experiment_by_name(name).experiment_id]):
         stages = {k: v for k, v in run.data.metrics.items() if k.startswith("stage_")}
         assert {"stage_probe_seconds", "stage_training_seconds", "stage_evaluation_seconds", "stage_tta_seconds",
-                "stage_inference_timing_seconds", "stage_gradcam_seconds", "stage_model_logging_seconds"} <= set(stages)
-        assert all(v >= 0 for v in stages.values())
-        assert sum(stages.values()) <= (run.info.end_time - run.info.start_time) / 1000
+                "stage_inference_timing_seconds", "stage_gradcam_seconds", "stage_model_logging_seconds",
+                "stage_intake_seconds", "stage_duplicate_groups_seconds", "stage_build_seconds"} <= set(stages)
+        assert all(v >= 0 for v in stages.values()) and stages["stage_build_seconds"] > 0
+        inside = sum(v for k, v in stages.items() if k not in before_the_run)
+        assert inside <= (run.info.end_time - run.info.start_time) / 1000
+        shared.append((stages["stage_intake_seconds"], stages["stage_duplicate_groups_seconds"]))
+    assert len(set(shared)) == 1
 
 
 def _saved_model(client, run_id, tmp_path):
@@ -262,14 +271,14 @@ def test_pairs_and_the_ensemble_match_images_by_name_and_refuse_different_images
                              "prob_yes": p_one})
     a = frame(["a.png", "b.png", "c.png", "d.png"], [1, 0, 1, 0], [0.9, 0.2, 0.4, 0.3])  # 3 of 4 right
     b = frame(["d.png", "c.png", "b.png", "a.png"], [0, 1, 0, 1], [0.6, 0.7, 0.1, 0.8])  # shuffled; 3 of 4
-    row = report._pair("val", "A", a, "B", b, resamples=200)
+    row = report.pair("val", "A", a, "B", b, resamples=200)
     assert (row["n_images"], row["accuracy_a"], row["accuracy_b"]) == (4, 0.75, 0.75)
     assert (row["only_a_right"], row["only_b_right"], row["note"]) == (1, 1, "")  # d.png: A; c.png: B
     ensemble = report._ensemble({"A": a, "B": b})
     assert ensemble["source"].tolist() == ["a.png", "b.png", "c.png", "d.png"]
     assert ensemble["prob_yes"].tolist() == pytest.approx([0.85, 0.15, 0.55, 0.45])  # all 4 right
     other = frame(["a.png", "b.png", "c.png", "e.png"], [1, 0, 1, 0], [0.9, 0.2, 0.4, 0.3])
-    refused = report._pair("val", "A", a, "C", other, resamples=200)
+    refused = report.pair("val", "A", a, "C", other, resamples=200)
     assert refused["note"].startswith("not the same images") and refused["n_images"] == 3
     assert report._ensemble({"A": a, "C": other}) is None
 

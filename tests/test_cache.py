@@ -56,6 +56,47 @@ def test_head_trained_from_cache_predicts_as_the_full_model(tiny):
     assert not np.allclose(view_images[0], view_images[1])  # the two views really differ
 
 
+def test_a_probe_started_head_caches_every_view_in_one_pass_as_deep_as_it_needs(tiny, tmp_path, monkeypatch):
+    """With the head starting at the linear probe, pooled features are cached of the plain images
+    only, and phase 2's frozen-prefix outputs of every view in the same pass: phase 2 then computes
+    nothing, and every cached value is what the base itself gives on that view."""
+    monkeypatch.setenv("TUMORBENCH_CACHE", str(tmp_path / "cache"))
+    spec, size, views = backbones.get("vgg16"), 32, 3
+    config = load_config(None, [])
+    images = pipeline.decoded_images(tiny.dataset, tiny.parts["train"], size)
+    val_images = pipeline.decoded_images(tiny.dataset, tiny.parts["val"], size)
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(2)
+    base, _ = backbones.build_base(spec, size, "none")
+    model = build_classifier(base, size, 2, 0, 0.0)
+    feed = feeds.Cached(images, pipeline.label_array(tiny.parts["train"], 2), None, val_images,
+                        pipeline.label_array(tiny.parts["val"], 2), spec.preprocess, config.augment, views, 5, 4,
+                        {"test": "one pass"}, plan_unfreeze=1, probe_head=True)
+    passes = []
+    real_batches = pipeline.view_batches
+    monkeypatch.setattr(pipeline, "view_batches", lambda *a, **k: passes.append(a[2]) or real_batches(*a, **k))
+    train_pooled, val_pooled = feed.pooled(base, spec)
+    assert passes == [views, 1]  # train (every view) and val, once each
+    assert train_pooled.shape == (1, len(images), 512) and val_pooled.shape == (len(val_images), 512)
+    set_trainable(base, spec, 1)
+    _, sequence, (val_prefix, _) = feed.phase(model, base, spec, 1)
+    assert passes == [views, 1]  # phase 2 found its inputs cached
+    boundary = feeds.boundary_layer(base, spec, 1)
+    prefix = keras.Model(base.inputs, base.get_layer(boundary).output)
+    pooled = keras.Model(base.inputs, keras.layers.GlobalAveragePooling2D()(base.output))
+    batches = [[] for _ in range(views)]  # the views as the feed draws them (augmentation is per batch of 4)
+    for view, _, batch in real_batches(images, config.augment, views, 5, 4):
+        batches[view].append(spec.preprocess(batch))
+    batches = [np.concatenate(view) for view in batches]
+    assert sequence.features.shape[0] == views
+    for view, batch in enumerate(batches):
+        np.testing.assert_allclose(sequence.features[view], prefix.predict(batch, verbose=0), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(train_pooled[0], pooled.predict(batches[0], verbose=0), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(sequence.features[1], sequence.features[0], atol=1e-2)  # augmented views differ
+    np.testing.assert_allclose(val_prefix, prefix.predict(spec.preprocess(np.asarray(val_images, "float32")),
+                                                          verbose=0), rtol=2e-3, atol=2e-3)
+
+
 def _feature_files(tmp_path):
     return sorted((tmp_path / "cache" / "arrays" / "features-pooled").glob("*.npy"))
 
@@ -91,8 +132,11 @@ def test_a_changed_input_builds_a_new_cache(tiny, tmp_path, monkeypatch):
     assert len(after - seen) == 2, "a changed data file reused a stale cache"
 
 
-def test_truncated_or_corrupt_cache_files_are_rebuilt(tmp_path, capsys):
-    fills = []
+def test_truncated_or_corrupt_cache_files_are_rebuilt(tmp_path, capsys, monkeypatch):
+    """Checked by checksum the first time this process reads a file, and again after any write to it."""
+    fills, hashed = [], []
+    digest = cache._digest
+    monkeypatch.setattr(cache, "_digest", lambda path: hashed.append(path) or digest(path))
 
     def fill(out):
         fills.append(1)
@@ -103,6 +147,10 @@ def test_truncated_or_corrupt_cache_files_are_rebuilt(tmp_path, capsys):
 
     expected = get()
     assert len(fills) == 1 and len(get()) == 64 and len(fills) == 1  # second call reads the file
+    assert len(hashed) == 1  # written and hashed once; read back unchanged without hashing it again
+    monkeypatch.setattr(cache, "_checked", {})  # a new process hashes what it reads
+    get()
+    assert len(hashed) == 2 and len(fills) == 1
     (data,) = (tmp_path / "demo").glob("*.npy")
     data.write_bytes(data.read_bytes()[:-1000])  # truncated
     np.testing.assert_array_equal(get(), expected)

@@ -30,7 +30,7 @@ def test_nested_stages_count_only_for_themselves_in_every_running_stopwatch(cloc
         line = outer.line()
     assert outer.seconds == {"intake": 10, "cache": 20, "training": 75}
     assert inner.seconds == {"cache": 20, "training": 75}
-    assert inner.metrics() == {"stage_cache_seconds": 20, "stage_training_seconds": 75}
+    assert stopwatch.as_metrics(inner.seconds) == {"stage_cache_seconds": 20, "stage_training_seconds": 75}
     assert line == ("time: 120 s; intake 10 s (8%), cache 20 s (17%), training 75 s (62%), other 15 s (12%); "
                     "outside the training epochs 38%")
     with stopwatch.stage("nothing running"):  # no stopwatch: nothing recorded, nothing fails
