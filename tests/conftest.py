@@ -12,6 +12,27 @@ from PIL import Image
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
+def pytest_configure(config):
+    """Under pytest-xdist every core already runs a worker: TensorFlow in each (and in the commands a
+    test starts) uses one thread, as the tiny models gain nothing from more. Two tiny benches side
+    by side took 60 s each so, 70-76 s with TensorFlow's default pools (2026-12-08, 2 cores)."""
+    if hasattr(config, "workerinput"):  # set before any test module imports TensorFlow
+        os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+        os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    """`make test` runs on every core (pytest-xdist, --dist loadgroup): the tests reading the one tiny
+    benchmark share a worker, so it is trained once; the two that use the PostgreSQL test server
+    share one too, so neither sees the other's study or runs appear mid-test."""
+    for item in items:
+        if "benched" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("benched"))
+        elif item.get_closest_marker("postgres"):
+            item.add_marker(pytest.mark.xdist_group("postgres"))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Phantoms and Keras downloads go to a per-session temporary folder, never $HOME."""

@@ -1,7 +1,6 @@
 """No password leaves the process: not into MLflow (rows, params, tags, artifacts), not into Optuna's
 storage, not onto the terminal."""
 import io
-import json
 import re
 import subprocess
 
@@ -72,6 +71,7 @@ def _every_text_in(results, optuna_url) -> dict[str, str]:
     return found
 
 
+@pytest.mark.postgres
 def test_a_planted_password_is_nowhere_after_a_bench_a_cross_validation_and_a_sweep(tmp_path, capsys):
     """The password of sweep.storage (a real PostgreSQL study, which accepts it) in every command's
     config; the sweep gets it on its command line, as the README's team set-up once did."""
