@@ -36,7 +36,7 @@ install: $(VENV)/.installed
 
 # On every core (pytest-xdist); TEST_WORKERS=0 runs the tests in this one process.
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # FOLDS=5 cross-validates: mean and 95% CI per metric, paired comparisons on out-of-fold predictions.
 # ONLY_FOLDS=1,2 trains and scores only those folds now; a later run without it reuses them.

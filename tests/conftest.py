@@ -1,6 +1,8 @@
+import fcntl
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -21,16 +23,13 @@ def pytest_configure(config):
         os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(items):
-    """`make test` runs on every core (pytest-xdist, --dist loadgroup): the tests reading the one tiny
-    benchmark share a worker, so it is trained once; the two that use the PostgreSQL test server
-    share one too, so neither sees the other's study or runs appear mid-test."""
-    for item in items:
-        if "benched" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("benched"))
-        elif item.get_closest_marker("postgres"):
-            item.add_marker(pytest.mark.xdist_group("postgres"))
+@pytest.fixture
+def postgres_turn():
+    """The tests that use the PostgreSQL test server take turns: pytest-xdist runs tests side by side,
+    and each reads the whole store or study it wrote to."""
+    with open(Path(tempfile.gettempdir()) / "tumorbench-postgres-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(autouse=True)

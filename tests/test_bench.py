@@ -37,8 +37,8 @@ def tiny_config(tmp_path, *extra):
 @pytest.fixture(scope="session")
 def benched(tmp_path_factory):
     """One tiny benchmark over every registered backbone, shared by the assertions below: trained
-    once per test process (a module-scoped one was trained again whenever a pytest-xdist worker ran
-    another module's test in between); its store, a model file per backbone, goes at the end."""
+    once per test process (pytest-xdist workers run other modules' tests in between, which ended a
+    module-scoped one); its store, a model file per backbone, goes at the end."""
     tmp = tmp_path_factory.mktemp("bench")
     config = tiny_config(tmp, f"model.backbones={json.dumps(backbones.names())}")
     with pytest.MonkeyPatch.context() as monkeypatch:  # what the autouse fixtures do for each test

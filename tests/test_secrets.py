@@ -71,8 +71,7 @@ def _every_text_in(results, optuna_url) -> dict[str, str]:
     return found
 
 
-@pytest.mark.postgres
-def test_a_planted_password_is_nowhere_after_a_bench_a_cross_validation_and_a_sweep(tmp_path, capsys):
+def test_a_planted_password_is_nowhere_after_a_bench_a_cross_validation_and_a_sweep(tmp_path, capsys, postgres_turn):
     """The password of sweep.storage (a real PostgreSQL study, which accepts it) in every command's
     config; the sweep gets it on its command line, as the README's team set-up once did."""
     optuna_url, _ = _postgres_urls()

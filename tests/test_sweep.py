@@ -169,8 +169,7 @@ def _postgres_urls():
     return optuna_url, mlflow_url
 
 
-@pytest.mark.postgres
-def test_two_workers_share_one_postgres_study(tmp_path, hold):
+def test_two_workers_share_one_postgres_study(tmp_path, hold, postgres_turn):
     """Every trial waits (in the plugin) until both workers have started one, so both must take part
     however slowly either starts."""
     optuna_url, mlflow_url = _postgres_urls()
