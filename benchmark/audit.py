@@ -29,8 +29,7 @@ def perceptual_hashes(dataset: intake.Dataset, samples: list[intake.Sample]) -> 
     """(N, 32) uint8 hashes: those intake computed while checking the files, else (an .npz set)
     computed in parallel once per data set and kept in the cache."""
     if all(s.source in dataset.perceptual for s in samples):
-        return np.stack([dataset.perceptual[s.source] for s in samples]) if samples else np.zeros((0, HASH_BYTES),
-                                                                                                 np.uint8)
+        return np.array([dataset.perceptual[s.source] for s in samples], np.uint8).reshape(len(samples), HASH_BYTES)
     key = {"fingerprint": dataset.fingerprint, "samples": intake.samples_hash(samples), "hash": f"phash{HASH_SIDE}"}
 
     def fill(out):
